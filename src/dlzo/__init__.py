@@ -1,0 +1,13 @@
+"""dlzo: Dominant-Layer zeroth-order fine-tuning of LLMs.
+
+One module per pipeline stage, each runnable as ``python -m dlzo.<stage>``:
+download (model), data (task splits), probe (outlier layers), train (ZO-SGD),
+evaluate (lm-eval), tables (paper tables and figures). The optimizer lives in
+``dlzo.zo``; model helpers in ``dlzo.models``; the task table in ``dlzo.tasks``.
+"""
+
+__version__ = "0.1.0"
+
+
+class DLZOError(RuntimeError):
+    """An error caused by the user's input (config, model, data), with a message that says what to fix."""
