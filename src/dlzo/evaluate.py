@@ -1,0 +1,265 @@
+"""Evaluate a (tuned) model on a prepared task's test split with lm-eval.
+
+    python -m dlzo.evaluate --model <model dir> --data <prepared task dir> --task <name>
+        [--run <training run dir>] --out <result.json> [--tasks-dir <folder for the lm-eval YAML>]
+        [--batch-size 8] [--limit N] [--device auto] [--dtype auto] [--threads N]
+        [--method NAME] [--seed N]
+
+The test split is handed to lm-eval as a task YAML over the prepared ``test.jsonl`` (absolute
+path), so the same numbers come out of the plain lm-eval CLI on a saved model:
+
+    lm_eval --model hf --model_args pretrained=<model dir>,dtype=float32 \\
+        --include_path <tasks dir> --tasks dlzo_<task> --batch_size 8
+
+Protocol (MeZO's): multiple choice = argmax over candidates of the log-likelihood of the candidate
+given the prompt (``acc``; ``acc_norm`` divides by the candidate's length in characters); generation
+= greedy, at most 50 new tokens, stop at a newline, SQuAD-normalised token F1, max over gold answers.
+Every value is a fraction in 0..1 (acc 0.91, not 91).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import inspect
+import json
+import re
+import string
+import sys
+import time
+from pathlib import Path
+
+from dlzo import DLZOError
+from dlzo.io import read_json, read_jsonl, write_json
+
+MAX_GEN_TOKS = 50
+MC_METRICS = ("acc", "acc_norm")
+GEN_METRICS = ("f1", "exact_match")
+
+
+# --- SQuAD v1.1 answer metrics ---------------------------------------------------------------------
+# These three functions are also copied verbatim into the utils.py written beside the task YAML
+# (inspect.getsource), so the YAML runs without dlzo installed and cannot drift from this code.
+# They may use only re, string and collections.
+
+def normalize_answer(s):
+    """SQuAD normalisation: lowercase, drop punctuation, drop articles a/an/the, fold whitespace."""
+    s = s.lower()
+    s = s.translate(str.maketrans("", "", string.punctuation))
+    s = re.sub(r"\b(a|an|the)\b", " ", s)
+    return " ".join(s.split())
+
+
+def token_f1(prediction, gold):
+    """SQuAD v1.1 token F1 (0 when nothing is shared, also when both normalise to empty)."""
+    pred, ref = normalize_answer(prediction).split(), normalize_answer(gold).split()
+    same = sum((collections.Counter(pred) & collections.Counter(ref)).values())
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(pred), same / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def process_results(doc, results):
+    """lm-eval hook for generate_until: best F1 and exact match over the gold answers."""
+    pred, golds = results[0], doc["answers"] or [""]
+    return {"f1": max(token_f1(pred, g) for g in golds),
+            "exact_match": max(float(normalize_answer(pred) == normalize_answer(g)) for g in golds)}
+
+
+# --- task YAML ----------------------------------------------------------------------------------------
+
+def task_kind(task: str, records: list[dict]) -> tuple[str, str]:
+    """(kind, headline metric) from dlzo.tasks; from the records while tasks.py does not exist."""
+    try:
+        from dlzo.tasks import get_task
+    except ImportError:
+        get_task = None
+    kind = "generate" if records and records[0].get("candidates") is None else "multiple_choice"
+    if get_task is None:
+        return kind, ("f1" if kind == "generate" else "acc")
+    spec = get_task(task)
+    if records and spec.kind != kind:
+        raise DLZOError(f"task {task!r} is {spec.kind} but its test records look like {kind} "
+                        f"(candidates {'missing' if kind == 'generate' else 'present'})")
+    return spec.kind, spec.metric
+
+
+def _check_records(records: list[dict], kind: str, path: Path) -> None:
+    if not records:
+        raise DLZOError(f"test file {path} has no records")
+    for i, r in enumerate(records, 1):
+        if not isinstance(r.get("prompt"), str):
+            raise DLZOError(f"{path}, record {i}: no prompt string")
+        if kind == "multiple_choice":
+            c, y = r.get("candidates"), r.get("label")
+            if not (isinstance(c, list) and len(c) >= 2 and isinstance(y, int) and 0 <= y < len(c)):
+                raise DLZOError(f"{path}, record {i}: multiple choice needs >= 2 candidates and a label "
+                                f"indexing them (got candidates={c!r}, label={y!r})")
+        elif not (isinstance(r.get("answers"), list) and r["answers"]):
+            raise DLZOError(f"{path}, record {i}: a generation record needs a non-empty answers list")
+
+
+def _utils_source() -> str:
+    body = "\n\n".join(inspect.getsource(f) for f in (normalize_answer, token_f1, process_results))
+    return ('"""Written by dlzo.evaluate: SQuAD answer metrics for the dlzo generation tasks."""\n'
+            "import collections\nimport re\nimport string\n\n\n" + body)
+
+
+def _write_text(path: Path, text: str) -> None:
+    # skip identical rewrites: lm-eval caches utils.py by mtime, and concurrent readers see no churn
+    if path.exists() and path.read_text() == text:
+        return
+    from dlzo.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_task_yaml(task: str, test_jsonl: str | Path, out_dir: str | Path) -> str:
+    """Write ``<out_dir>/dlzo_<task>.yaml`` (+ utils.py for generation) over ``test_jsonl``.
+
+    Fields are named directly (doc_to_text: prompt), not as Jinja templates: lm-eval then returns the
+    record's value untouched (a template's output is re-parsed, e.g. a digit-only prompt turns int).
+    target_delimiter is empty, so lm-eval scores exactly prompt + candidate. Note: lm-eval moves any
+    whitespace that ends the prompt (e.g. RTE's final newline) into the scored continuation; the
+    full string is unchanged, only that whitespace's log-prob is added to every candidate alike.
+    """
+    test_jsonl = Path(test_jsonl).resolve()  # lm-eval resolves relative data paths against the cwd
+    if not test_jsonl.exists():
+        raise DLZOError(f"test file {test_jsonl} does not exist: run the data rule for task {task!r} first")
+    records = read_jsonl(test_jsonl)
+    kind, _ = task_kind(task, records)
+    _check_records(records, kind, test_jsonl)
+    name = f"dlzo_{task}"
+    out_dir = Path(out_dir)
+    q = json.dumps  # JSON strings are valid YAML scalars, and quote any path safely
+    lines = [f"task: {name}", "dataset_path: json",
+             f"dataset_kwargs:\n  data_files:\n    test: {q(str(test_jsonl))}",
+             "test_split: test", "num_fewshot: 0", "doc_to_text: prompt"]
+    if kind == "multiple_choice":
+        lines += ["output_type: multiple_choice", "doc_to_choice: candidates", "doc_to_target: label",
+                  'target_delimiter: ""', "metric_list:"]
+        lines += [f"  - metric: {m}\n    aggregation: mean\n    higher_is_better: true" for m in MC_METRICS]
+    else:
+        _write_text(out_dir / "utils.py", _utils_source())
+        lines += ["output_type: generate_until", "doc_to_target: answers", 'target_delimiter: " "',
+                  "generation_kwargs:", '  until: ["\\n"]', f"  max_gen_toks: {MAX_GEN_TOKS}",
+                  "  do_sample: false", "process_results: !function utils.process_results", "metric_list:"]
+        lines += [f"  - metric: {m}\n    aggregation: mean\n    higher_is_better: true" for m in GEN_METRICS]
+    lines.append("metadata:\n  version: 1.0")
+    _write_text(out_dir / f"{name}.yaml", "# written by dlzo.evaluate\n" + "\n".join(lines) + "\n")
+    return name
+
+
+# --- evaluation ---------------------------------------------------------------------------------------
+
+def _flatten(task_result: dict) -> dict:
+    """{"acc,none": .., "acc_stderr,none": ..} -> {"acc": .., "acc_stderr": ..}; "N/A" -> None."""
+    out = {}
+    for key, value in task_result.items():
+        if key in ("alias", "name", "sample_len"):
+            continue
+        metric, _, filt = key.partition(",")
+        out[metric if filt in ("", "none") else key] = value if isinstance(value, (int, float)) else None
+    return out
+
+
+def cli_command(model_dir, tasks_dir, name, batch_size, dtype="float32", device="cpu", limit=None) -> str:
+    """The plain lm-eval command that reproduces an evaluation of a saved (base) model."""
+    cmd = (f"lm_eval --model hf --model_args pretrained={Path(model_dir).resolve()},dtype={dtype} "
+           f"--include_path {Path(tasks_dir).resolve()} --tasks {name} --batch_size {batch_size} "
+           f"--device {device}")
+    return cmd + (f" --limit {limit}" if limit else "")
+
+
+def evaluate(model, tokenizer, task: str, data_dir, tasks_dir, batch_size: int = 8,
+             limit: int | None = None) -> dict:
+    """Zero-shot lm-eval of an in-memory model on ``<data_dir>/test.jsonl``; see the module doc."""
+    import lm_eval
+    import torch
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    test = Path(data_dir) / "test.jsonl"
+    name = write_task_yaml(task, test, tasks_dir)
+    kind, headline = task_kind(task, read_jsonl(test))
+    # half-precision log-softmax loses digits in the candidates' log-likelihoods: do it in fp32
+    dtype = next(model.parameters()).dtype
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
+              softmax_dtype=torch.float32 if dtype in (torch.float16, torch.bfloat16) else None)
+    started = time.time()
+    out = lm_eval.simple_evaluate(
+        model=lm, tasks=[name], num_fewshot=0, limit=limit, use_cache=None, cache_requests=False,
+        log_samples=False, write_out=False, bootstrap_iters=1000,
+        # only our folder: indexing lm-eval's built-in task tree is slow and not needed
+        task_manager=TaskManager(include_path=str(Path(tasks_dir).resolve()), include_defaults=False))
+    seconds = time.time() - started
+    metrics = _flatten(out["results"][name])
+    n = int(out["n-samples"][name]["effective"])
+    if headline not in metrics:
+        raise DLZOError(f"lm-eval returned no {headline!r} for {name} (got {sorted(metrics)})")
+    result = {"task": task, "lm_eval_task": name, "kind": kind, "metric": headline,
+              "value": metrics[headline], "metrics": metrics, "n": n,
+              "examples_per_s": round(n / seconds, 3), "seconds": round(seconds, 3),
+              "batch_size": batch_size, "limit": limit}
+    print(f"[evaluate] {task}: {headline}={metrics[headline]:.4f} on {n} examples in {seconds:.1f} s "
+          f"({n / seconds:.2f} examples/s, batch {batch_size})", file=sys.stderr)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m dlzo.evaluate", description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True, help="base model folder (config.json, weights, tokenizer)")
+    p.add_argument("--data", required=True, help="prepared task folder holding test.jsonl (and meta.json)")
+    p.add_argument("--task", required=True)
+    p.add_argument("--run", help="training run folder: evaluate the tuned model (dlzo.train.load_tuned_model)")
+    p.add_argument("--out", required=True, help="result JSON")
+    p.add_argument("--tasks-dir", help="folder for the lm-eval task YAML (default: <out without .json>.lm_eval/)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--limit", type=int, help="first N test examples only (smoke tests)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--method", help="recorded in the result only")
+    p.add_argument("--seed", type=int, help="recorded in the result only")
+    args = p.parse_args(argv)
+
+    from dlzo.models import load_model, load_tokenizer
+    from dlzo.runtime import pick_device, pick_dtype, provenance, set_threads
+
+    started = time.time()
+    set_threads(args.threads)
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
+    out = Path(args.out)
+    tasks_dir = Path(args.tasks_dir) if args.tasks_dir else out.with_name(out.stem + ".lm_eval")
+    data_dir = Path(args.data)
+    if not (data_dir / "test.jsonl").exists():  # fail before the (slow) model load
+        raise DLZOError(f"test file {data_dir / 'test.jsonl'} does not exist: run the data rule first")
+    tokenizer = load_tokenizer(args.model)
+    if args.run:
+        from dlzo.train import load_tuned_model
+
+        model = load_tuned_model(args.model, args.run, device, dtype)
+    else:
+        model = load_model(args.model, device, dtype)
+    result = evaluate(model, tokenizer, args.task, data_dir, tasks_dir, args.batch_size, args.limit)
+    meta = read_json(data_dir / "meta.json", "data meta file") if (data_dir / "meta.json").exists() else {}
+    result.update(
+        model=str(args.model), run=args.run, data=str(data_dir), tasks_dir=str(tasks_dir),
+        method=args.method or ("zero-shot" if not args.run else None), seed=args.seed,
+        protocol=meta.get("protocol"),
+        # reproduces base-model numbers only: a tuned run must first be saved as a model folder
+        lm_eval_cli=cli_command(args.model, tasks_dir, result["lm_eval_task"], args.batch_size,
+                                str(dtype).replace("torch.", ""), str(device), args.limit),
+        provenance=provenance(device, dtype, started))
+    write_json(out, result)
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except DLZOError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,183 @@
+"""ZO-SGD (MeZO's SPSA step) as a torch.optim optimizer, with replayable trajectories.
+
+What is tuned is decided only by the parameters passed in: the whole model (MeZO), one decoder
+layer (dominant-layer ZO), or peft LoRA adapters. One step (../shared/SPEC.md):
+
+    theta += eps*z;  l+ = L(theta)          z ~ N(0, I), drawn from the step's seed
+    theta -= 2eps*z; l- = L(theta)
+    theta += eps*z                          (restore)
+    g = (l+ - l-) / 2eps
+    theta -= lr * (g*z + wd*theta)          (wd skipped for biases and norm weights)
+
+Two ways to restore theta between the perturbations:
+  ``restore="mezo"``  in place, z regenerated from the seed at each of the four uses, exactly as MeZO
+                       does: no memory beyond inference, but theta comes back only up to float rounding.
+  ``restore="exact"`` z drawn once per step and kept, theta copied before the perturbation and copied
+                       back: two extra copies of the tuned tensors (cheap for one layer or LoRA),
+                       and theta comes back bit for bit.
+Both draw the same z from the same seed, so they follow the same trajectory up to rounding.
+
+A run is fully described by the base model and its list of (seed, g, lr) per step: ``replay``
+rebuilds the tuned weights bit-identically on the same device type.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+
+NO_DECAY_MARKERS = ("bias", "norm", "layernorm", "layer_norm", "ln_")
+
+
+def step_seed(run_seed: int, step: int) -> int:
+    """The z seed of ``step``: a pure function of (run seed, step), so a resumed run draws the same z."""
+    return int(np.random.SeedSequence([int(run_seed), int(step)]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def param_groups(named_params: Iterable[tuple[str, torch.nn.Parameter]], weight_decay: float) -> list[dict]:
+    """Split into a decayed group and a no-decay group (biases, norm weights), order kept within each."""
+    decay, no_decay = [], []
+    for name, p in named_params:
+        (no_decay if any(m in name.lower() for m in NO_DECAY_MARKERS) else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return [g for g in groups if g["params"]]
+
+
+class NonFiniteLoss(FloatingPointError):
+    def __init__(self, step: int, l_plus: float, l_minus: float):
+        super().__init__(f"non-finite loss at step {step}: L(+)={l_plus}, L(-)={l_minus}")
+        self.step = step
+
+
+class ZOSGD(torch.optim.Optimizer):
+    """``ZOSGD(params, lr, eps, weight_decay=0.0, seed=0)``; ``step(closure)`` returns the projected gradient.
+
+    ``closure()`` evaluates the loss at the current parameters (no autograd needed) and returns a
+    float or a 0-d tensor. Every step is appended to ``self.trajectory`` as a dict
+    {step, seed, g, lr, loss_plus, loss_minus}.
+    """
+
+    def __init__(self, params, lr: float, eps: float = 1e-3, weight_decay: float = 0.0, seed: int = 0,
+                 restore: str = "mezo"):
+        if lr < 0 or eps <= 0:
+            raise ValueError(f"ZOSGD needs lr >= 0 and eps > 0, got lr={lr}, eps={eps}")
+        if restore not in ("mezo", "exact"):
+            raise ValueError(f"restore must be 'mezo' or 'exact', got {restore!r}")
+        super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay))
+        self.seed = seed
+        self.restore = restore
+        self.steps_done = 0
+        self.trajectory: list[dict] = []
+        self.timing = {"forward_s": 0.0, "perturb_s": 0.0, "update_s": 0.0}
+
+    def _params(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                yield group, p
+
+    def _draw(self, seed: int):
+        """z for every tuned tensor, in a fixed order, from one generator per device."""
+        gens: dict[torch.device, torch.Generator] = {}
+        for group, p in self._params():
+            gen = gens.get(p.device)
+            if gen is None:
+                gen = gens[p.device] = torch.Generator(device=p.device)
+                gen.manual_seed(seed)
+            yield group, p, torch.randn(p.shape, generator=gen, device=p.device, dtype=p.dtype)
+
+    @torch.no_grad()
+    def _perturb(self, seed: int, scale: float) -> None:
+        for _, p, z in self._draw(seed):
+            p.add_(z, alpha=scale)
+
+    @staticmethod
+    def _apply_update(p: torch.Tensor, z: torch.Tensor, g: float, lr: float, wd: float) -> None:
+        # MeZO: theta = theta - lr * (g * z + wd * theta); kept in this one form so replay matches bits
+        if wd:
+            p.sub_((z * g + p * wd) * lr)
+        else:
+            p.sub_(z * (g * lr))
+
+    @torch.no_grad()
+    def _update(self, seed: int, g: float, zs: list | None = None) -> None:
+        items = zip(self._params(), zs) if zs is not None else (((gr, p), z) for gr, p, z in self._draw(seed))
+        for (group, p), z in items:
+            self._apply_update(p, z, g, group["lr"], group["weight_decay"])
+
+    def _timed(self, key: str, fn, *args):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t0 = _now()
+        out = fn(*args)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.timing[key] += _now() - t0
+        return out
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float | torch.Tensor]) -> float:  # type: ignore[override]
+        if closure is None:
+            raise ValueError("ZOSGD.step needs a closure that returns the loss")
+        step = self.steps_done
+        seed = step_seed(self.seed, step)
+        eps = self.param_groups[0]["eps"]
+        lr = self.param_groups[0]["lr"]
+        loss = lambda: float(closure())  # noqa: E731
+        if self.restore == "exact":
+            def prepare():
+                pairs = [(p, z) for _, p, z in self._draw(seed)]
+                return pairs, [p.detach().clone() for p, _ in pairs]
+
+            pairs, saved = self._timed("perturb_s", prepare)
+
+            def shift(scale):
+                for (p, z), orig in zip(pairs, saved):
+                    p.copy_(orig).add_(z, alpha=scale)
+
+            self._timed("perturb_s", shift, eps)
+            l_plus = self._timed("forward_s", loss)
+            self._timed("perturb_s", shift, -eps)
+            l_minus = self._timed("forward_s", loss)
+            self._timed("perturb_s", lambda: [p.copy_(orig) for (p, _), orig in zip(pairs, saved)])
+            zs = [z for _, z in pairs]
+        else:
+            self._timed("perturb_s", self._perturb, seed, eps)
+            l_plus = self._timed("forward_s", loss)
+            self._timed("perturb_s", self._perturb, seed, -2 * eps)
+            l_minus = self._timed("forward_s", loss)
+            self._timed("perturb_s", self._perturb, seed, eps)
+            zs = None
+        if not (math.isfinite(l_plus) and math.isfinite(l_minus)):
+            raise NonFiniteLoss(step, l_plus, l_minus)
+        g = (l_plus - l_minus) / (2 * eps)
+        self._timed("update_s", self._update, seed, g, zs)
+        self.trajectory.append({"step": step, "seed": seed, "g": g, "lr": lr, "eps": eps,
+                                "loss_plus": l_plus, "loss_minus": l_minus})
+        self.steps_done += 1
+        return g
+
+    @torch.no_grad()
+    def replay(self, records: Iterable[dict]) -> None:
+        """Re-apply recorded steps to the current parameters (the same ops, hence the same bits)."""
+        for rec in records:
+            seed, g, lr = int(rec["seed"]), float(rec["g"]), float(rec["lr"])
+            eps = float(rec.get("eps", self.param_groups[0]["eps"]))
+            if self.restore == "mezo":  # the in-place round trip leaves rounding residue: redo it
+                self._perturb(seed, eps)
+                self._perturb(seed, -2 * eps)
+                self._perturb(seed, eps)
+            for group in self.param_groups:
+                group["lr"] = lr
+            self._update(seed, g)
+            self.trajectory.append(dict(rec))
+            self.steps_done += 1
+
+
+def _now() -> float:
+    import time
+
+    return time.perf_counter()

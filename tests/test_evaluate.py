@@ -1,0 +1,239 @@
+"""dlzo.evaluate: lm-eval task YAML over prepared records, scoring, F1, CLI parity, errors."""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import glob
+import importlib.util
+import json
+import subprocess
+import sys
+import time
+import types
+
+import pytest
+import torch
+
+from dlzo import DLZOError
+from dlzo.evaluate import evaluate, main, process_results, token_f1, write_task_yaml
+from dlzo.models import build_tiny, load_model, load_tokenizer
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny")
+    build_tiny(path, layers=2, hidden=32)
+    return path, load_model(path, CPU, torch.float32), load_tokenizer(path)
+
+
+def split(dir_, records, meta=None):
+    dir_.mkdir(parents=True, exist_ok=True)
+    (dir_ / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    if meta is not None:
+        (dir_ / "meta.json").write_text(json.dumps(meta))
+    return dir_
+
+
+def mc(task, prompts, candidates, labels):
+    return [{"id": str(i), "task": task, "prompt": p, "candidates": candidates, "label": y, "answers": None}
+            for i, (p, y) in enumerate(zip(prompts, labels))]
+
+
+SST2 = mc("sst2", [f"A film number {i}, {'fine' if i % 2 else 'dull'}. It was" for i in range(6)],
+          [" terrible", " great"], [i % 2 for i in range(6)])
+
+
+def hand_ll(model, tok, context, continuation):
+    """Sum of log p(continuation tokens | context), tokenising the whole string once."""
+    ctx = tok(context)["input_ids"]
+    ids = tok(context + continuation)["input_ids"]
+    assert ids[:len(ctx)] == ctx
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+    return sum(logp[i - 1, ids[i]].item() for i in range(len(ctx), len(ids)))
+
+
+def samples(model, tok, tasks_dir, name):
+    """lm-eval's per-document log (arguments and responses) for a YAML in tasks_dir."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    out = lm_eval.simple_evaluate(model=HFLM(pretrained=model, tokenizer=tok, batch_size=4), tasks=[name],
+                                  num_fewshot=0, log_samples=True,
+                                  task_manager=TaskManager(include_path=str(tasks_dir), include_defaults=False))
+    return sorted(out["samples"][name], key=lambda s: s["doc_id"])
+
+
+def test_multiple_choice_yaml_and_accuracy(tiny, tmp_path):
+    model_dir, model, tok = tiny
+    data = split(tmp_path / "data", SST2)
+    name = write_task_yaml("sst2", data / "test.jsonl", tmp_path / "tasks")
+    text = (tmp_path / "tasks" / f"{name}.yaml").read_text()
+    assert name == "dlzo_sst2" and str((data / "test.jsonl").resolve()) in text
+    res = evaluate(model, tok, "sst2", data, tmp_path / "tasks", batch_size=4, limit=None)
+    assert res["metric"] == "acc" and res["value"] == res["metrics"]["acc"]
+    assert 0.0 <= res["value"] <= 1.0 and 0.0 <= res["metrics"]["acc_norm"] <= 1.0
+    assert res["n"] == len(SST2) and res["examples_per_s"] > 0
+    assert evaluate(model, tok, "sst2", data, tmp_path / "tasks", batch_size=2, limit=3)["n"] == 3
+
+
+def test_scored_string_is_prompt_plus_candidate(tiny, tmp_path):
+    _, model, tok = tiny
+    # second record: a prompt ending in a newline (RTE/CB style), candidates without a leading space
+    recs = SST2[:2] + mc("rte", ["Cats purr.\nDoes this mean that \"cats talk\" is true? Yes or No?\n"],
+                         ["Yes", "No"], [1])
+    data = split(tmp_path / "data", recs)
+    got = samples(model, tok, tmp_path / "tasks", write_task_yaml("sst2", data / "test.jsonl", tmp_path / "tasks"))
+    assert len(got) == 3
+    for s, rec in zip(got, recs):
+        prompt = rec["prompt"]
+        for (ctx, cont), (ll, _) in zip(s["arguments"], s["filtered_resps"]):
+            assert ctx + cont == prompt + rec["candidates"][s["arguments"].index((ctx, cont))]
+            # lm-eval moves the prompt's trailing whitespace into the continuation before scoring
+            stripped = prompt.rstrip()
+            want = hand_ll(model, tok, stripped, prompt[len(stripped):] + cont)
+            assert ll == pytest.approx(want, abs=1e-4)
+    # SST-2 style prompt (no trailing space): exactly the candidate's tokens given the prompt
+    (ctx, cont), (ll, _) = got[0]["arguments"][1], got[0]["filtered_resps"][1]
+    assert (ctx, cont) == (SST2[0]["prompt"], " great")
+    assert ll == pytest.approx(hand_ll(model, tok, SST2[0]["prompt"], " great"), abs=1e-4)
+
+
+def test_three_class_accuracy_matches_hand_argmax(tiny, tmp_path):
+    _, model, tok = tiny
+    recs = mc("cb", [f"Suppose it rained {i} times. Can we infer that \"it is wet\"? Yes, No, or Maybe?\n"
+                     for i in range(6)], ["Yes", "No", "Maybe"], [0, 1, 2, 0, 1, 2])
+    data = split(tmp_path / "data", recs)
+    res = evaluate(model, tok, "cb", data, tmp_path / "tasks", batch_size=4, limit=None)
+    hand = []
+    for r in recs:
+        stripped = r["prompt"].rstrip()
+        lls = [hand_ll(model, tok, stripped, r["prompt"][len(stripped):] + c) for c in r["candidates"]]
+        hand.append(float(max(range(3), key=lls.__getitem__) == r["label"]))
+    assert res["n"] == 6 and res["metric"] == "acc"
+    assert res["value"] == pytest.approx(sum(hand) / len(hand))
+
+
+def test_f1_hand_values(tmp_path):
+    assert token_f1("The Cat sat", "cat sat.") == 1.0
+    # {cat, sat, on, mat} vs {cat, on, hat}: P = 2/4, R = 2/3 -> F1 = 4/7
+    assert token_f1("the cat sat on the mat", "a cat on a hat") == pytest.approx(4 / 7)
+    assert token_f1("dog", "cat") == 0.0 and token_f1("", "") == 0.0  # SQuAD v1.1: nothing shared -> 0
+    best = process_results({"answers": ["a dog", "cat sat", "cat"]}, ["The cat sat."])
+    assert best == {"f1": 1.0, "exact_match": 1.0}
+    part = process_results({"answers": ["dog", "cat on the mat"]}, ["cat sat"])
+    assert part["f1"] == pytest.approx(2 * (1 / 2) * (1 / 3) / (1 / 2 + 1 / 3)) and part["exact_match"] == 0.0
+    # the utils.py beside the YAML carries the same code
+    split(tmp_path / "data", [{"id": "0", "task": "squad", "prompt": "Q?\nAnswer:", "candidates": None,
+                               "label": None, "answers": ["x"]}])
+    write_task_yaml("squad", tmp_path / "data" / "test.jsonl", tmp_path / "tasks")
+    spec = importlib.util.spec_from_file_location("written_utils", tmp_path / "tasks" / "utils.py")
+    utils = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(utils)
+    assert utils.token_f1("the cat sat on the mat", "a cat on a hat") == pytest.approx(4 / 7)
+    assert utils.process_results({"answers": ["dog", "cat on the mat"]}, ["cat sat"]) == part
+
+
+def greedy(model, tok, prompt, max_new=50):
+    ids = tok(prompt, return_tensors="pt").input_ids
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new, do_sample=False,
+                         pad_token_id=tok.pad_token_id)
+    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).split("\n")[0]
+
+
+def gen_records(model, tok):
+    # a randomly initialised tied-embedding model echoes the prompt's last byte: prompts ending in a
+    # letter give a word, so the F1 below is not trivially 0
+    prompts = [f"Context: item {i}\nQuestion: which?\nAnswer: {'kqz'[i]}" for i in range(3)]
+    gens = [greedy(model, tok, p) for p in prompts]
+    answers = [["an unrelated answer", gens[0]], ["nothing shared"], [f"{gens[2]} plus more words"]]
+    recs = [{"id": str(i), "task": "squad", "prompt": p, "candidates": None, "label": None, "answers": a}
+            for i, (p, a) in enumerate(zip(prompts, answers))]
+    want = [process_results(r, [g]) for r, g in zip(recs, gens)]
+    return recs, gens, want
+
+
+def test_generation_f1(tiny, tmp_path):
+    _, model, tok = tiny
+    recs, gens, want = gen_records(model, tok)
+    data = split(tmp_path / "data", recs)
+    res = evaluate(model, tok, "squad", data, tmp_path / "tasks", batch_size=2, limit=None)
+    assert res["metric"] == "f1" and res["n"] == 3 and 0.0 <= res["value"] <= 1.0
+    assert res["value"] == pytest.approx(sum(w["f1"] for w in want) / 3)
+    assert res["metrics"]["exact_match"] == pytest.approx(sum(w["exact_match"] for w in want) / 3)
+    assert 0.3 < res["value"] < 0.9  # 1 + 0 + a partial match
+    got = samples(model, tok, tmp_path / "tasks", "dlzo_squad")
+    assert [s["filtered_resps"][0] for s in got] == gens
+
+
+@pytest.mark.slow
+def test_lm_eval_cli_reproduces(tiny, tmp_path):
+    model_dir, model, tok = tiny
+    tasks = tmp_path / "tasks"
+    mc_res = evaluate(model, tok, "sst2", split(tmp_path / "mc", SST2), tasks, batch_size=4, limit=None)
+    recs, _, _ = gen_records(model, tok)
+    gen_res = evaluate(model, tok, "squad", split(tmp_path / "gen", recs), tasks, batch_size=4, limit=None)
+    cmd = [sys.executable, "-m", "lm_eval", "run", "--model", "hf", "--model_args",
+           f"pretrained={model_dir},dtype=float32", "--include_path", str(tasks), "--tasks",
+           "dlzo_sst2,dlzo_squad", "--batch_size", "4", "--device", "cpu", "--output_path", str(tmp_path / "cli")]
+    t0 = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (path,) = glob.glob(str(tmp_path / "cli" / "**" / "results_*.json"), recursive=True)
+    cli = json.loads(open(path).read())["results"]
+    assert cli["dlzo_sst2"]["acc,none"] == pytest.approx(mc_res["value"])
+    assert cli["dlzo_sst2"]["acc_norm,none"] == pytest.approx(mc_res["metrics"]["acc_norm"])
+    assert cli["dlzo_squad"]["f1,none"] == pytest.approx(gen_res["value"])
+    print(f"lm-eval CLI took {time.time() - t0:.1f} s")
+
+
+def test_missing_test_file(tiny, tmp_path):
+    _, model, tok = tiny
+    missing = tmp_path / "nodata" / "test.jsonl"
+    with pytest.raises(DLZOError, match=str(missing)):
+        write_task_yaml("sst2", missing, tmp_path / "tasks")
+    with pytest.raises(DLZOError, match="test.jsonl"):
+        evaluate(model, tok, "sst2", tmp_path / "nodata", tmp_path / "tasks", 4, None)
+    with pytest.raises(DLZOError, match="test.jsonl"):
+        main(["--model", str(tiny[0]), "--data", str(tmp_path / "nodata"), "--task", "sst2",
+              "--out", str(tmp_path / "r.json")])
+
+
+def test_bad_records(tmp_path):
+    bad = [dict(SST2[0], label=2)]  # label past the candidates
+    split(tmp_path / "data", bad)
+    with pytest.raises(DLZOError, match="record 1"):
+        write_task_yaml("sst2", tmp_path / "data" / "test.jsonl", tmp_path / "tasks")
+
+
+def test_main_writes_result(tiny, tmp_path, monkeypatch):
+    model_dir, _, _ = tiny
+    data = split(tmp_path / "data", SST2, meta={"protocol": "demo: carved from validation"})
+    out = tmp_path / "res" / "zero.json"
+    main(["--model", str(model_dir), "--data", str(data), "--task", "sst2", "--out", str(out),
+          "--batch-size", "4", "--device", "cpu", "--threads", "1", "--seed", "3"])
+    res = json.loads(out.read_text())
+    assert res["n"] == len(SST2) and res["metric"] == "acc" and 0 <= res["value"] <= 1
+    assert res["protocol"] == "demo: carved from validation" and res["seed"] == 3
+    assert res["method"] == "zero-shot" and res["provenance"]["device"] == "cpu"
+    assert (tmp_path / "res" / "zero.lm_eval" / "dlzo_sst2.yaml").exists()
+    assert "--include_path" in res["lm_eval_cli"] and "dlzo_sst2" in res["lm_eval_cli"]
+
+    # --run goes through dlzo.train.load_tuned_model (stubbed here: the base model, call recorded)
+    calls = []
+
+    def load_tuned_model(model_dir, run_dir, device, dtype):
+        calls.append(run_dir)
+        return load_model(model_dir, device, dtype)
+
+    monkeypatch.setitem(sys.modules, "dlzo.train", types.SimpleNamespace(load_tuned_model=load_tuned_model))
+    main(["--model", str(model_dir), "--data", str(data), "--task", "sst2", "--run", str(tmp_path / "run"),
+          "--out", str(out), "--batch-size", "4", "--device", "cpu", "--method", "dominant"])
+    res = json.loads(out.read_text())
+    assert calls == [str(tmp_path / "run")] and res["method"] == "dominant"
+    assert res["run"] == str(tmp_path / "run") and res["n"] == len(SST2)
+

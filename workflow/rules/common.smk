@@ -1,0 +1,138 @@
+# Input functions, the list of runs the config asks for, and checks the JSON schema cannot express.
+import re
+import sys
+from pathlib import Path
+
+from snakemake.exceptions import WorkflowError
+
+RESULTS = config.get("results", "results")
+KNOWN_TASKS = ["sst2", "rte", "cb", "boolq", "wsc", "copa", "multirc", "squad", "drop"]
+TRAINED_METHODS = ["mezo-full", "lora-zo", "dominant", "dominant-lora"]
+
+
+def config_error(key, message):
+    raise WorkflowError(f"config error at `{key}`: {message}")
+
+
+def model_layers(model):
+    return int(config["models"][model]["num_layers"])
+
+
+def sweep_layers(model):
+    """Layer indices of the single-layer sweep for ``model`` (``all`` = every layer)."""
+    sweep = config.get("sweep_layers", [])
+    if isinstance(sweep, dict):
+        sweep = sweep.get(model, [])
+    if sweep == "all":
+        return list(range(model_layers(model)))
+    for i in sweep:
+        if not 0 <= int(i) < model_layers(model):
+            config_error("sweep_layers", f"layer index {i} is past the depth of model {model} "
+                         f"({model_layers(model)} layers: indices 0..{model_layers(model) - 1})")
+    return sorted({int(i) for i in sweep})
+
+
+def _check_config():
+    for task in config["tasks"]:
+        if task not in KNOWN_TASKS:
+            config_error(f"tasks.{task}", f"unknown task; expected one of {', '.join(KNOWN_TASKS)}")
+    for model, pin in (config.get("dominant_layer") or {}).items():
+        if model not in config["models"]:
+            config_error(f"dominant_layer.{model}", f"no model named {model} under `models`")
+        if pin is not None and not 0 <= int(pin) < model_layers(model):
+            config_error(f"dominant_layer.{model}", f"layer index {pin} is past the model's depth "
+                         f"({model_layers(model)} layers)")
+    for model in config["models"]:
+        sweep_layers(model)
+
+
+_check_config()
+
+
+def seeds():
+    return [int(s) for s in config["seeds"]]
+
+
+def trained_methods(model):
+    """Every training method for ``model``: the configured baselines plus the layer sweep."""
+    methods = [m for m in config["methods"] if m in TRAINED_METHODS]
+    return methods + [f"layer-{i}" for i in sweep_layers(model)]
+
+
+def method_family(method):
+    """Which hyperparameter block of `train.hyper` a method uses."""
+    if method == "mezo-full":
+        return "full"
+    if method == "lora-zo":
+        return "lora"
+    if method == "dominant-lora" or method.endswith("-lora"):
+        return "layer-lora"
+    return "layer"
+
+
+def eval_outputs():
+    out = []
+    for model in config["models"]:
+        for task in config["tasks"]:
+            if "zero-shot" in config["methods"]:
+                out.append(f"{RESULTS}/eval/{model}/{task}/zero-shot.json")
+            for method in trained_methods(model):
+                for seed in seeds():
+                    out.append(f"{RESULTS}/eval/{model}/{task}/{method}/seed{seed}.json")
+    return out
+
+
+def train_logs():
+    return [f"{RESULTS}/train/{model}/{task}/{method}/seed{seed}/log.json"
+            for model in config["models"] for task in config["tasks"]
+            for method in trained_methods(model) for seed in seeds()]
+
+
+def model_resources(model, key, default):
+    return config["models"][model].get("resources", {}).get(key, default)
+
+
+def gpu_count(wildcards):
+    return model_resources(wildcards.model, "gpu", 0)
+
+
+def mem_mb(wildcards):
+    return model_resources(wildcards.model, "mem_mb", 8000)
+
+
+def runtime_min(wildcards):
+    return model_resources(wildcards.model, "runtime", 60)
+
+
+def runtime_args():
+    rt = config.get("runtime", {})
+    args = f"--device {rt.get('device', 'auto')} --dtype {rt.get('dtype', 'auto')}"
+    if rt.get("threads"):
+        args += f" --threads {rt['threads']}"
+    return args
+
+
+def train_args(wildcards):
+    t = config["train"]
+    hyper = t["hyper"][method_family(wildcards.method)]
+    args = (f"--steps {t['steps']} --batch-size {t['batch_size']} --eval-every {t['eval_every']} "
+            f"--dev-eval-size {t.get('dev_eval_size', 0)} --max-len {t['max_len']} "
+            f"--lr {hyper['lr']} --eps {hyper['eps']} --weight-decay {hyper.get('weight_decay', 0.0)}")
+    if "lora" in method_family(wildcards.method):
+        args += f" --lora-r {t['lora']['r']} --lora-alpha {t['lora']['alpha']}"
+    pin = (config.get("dominant_layer") or {}).get(wildcards.model)
+    if wildcards.method.startswith("dominant") and pin is not None:
+        args += f" --layer {int(pin)}"
+    return args
+
+
+def probe_input(wildcards):
+    """dominant methods: the probe's JSON, through the checkpoint (the layer is only known after it)."""
+    if wildcards.method.startswith("dominant"):
+        return checkpoints.probe_outliers.get(model=wildcards.model).output.json
+    return []
+
+
+def src(*modules):
+    """Source files of the modules a job runs (python -m is not tracked as code): editing one reruns its jobs."""
+    return [f"src/dlzo/{m}.py" for m in modules]

@@ -1,0 +1,27 @@
+# A checkpoint: the dominant layer (first activation-outlier layer) is only known once this has run.
+checkpoint probe_outliers:
+    output:
+        json=f"{RESULTS}/probe/{{model}}/probe.json",
+        png=report(f"{RESULTS}/probe/{{model}}/activation_profile.png",
+                   caption="../report/probe.rst", category="Probe"),
+    input:
+        model=rules.download_model.output,
+        code=src("probe", "models"),
+    params:
+        p=config["probe"],
+        runtime=runtime_args(),
+    log:
+        f"{RESULTS}/logs/probe_outliers/{{model}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/probe_outliers/{{model}}.tsv"
+    conda:
+        "../../envs/train.yaml"
+    threads: config.get("runtime", {}).get("threads") or 1
+    resources:
+        gpu=gpu_count,
+        mem_mb=mem_mb,
+        runtime=runtime_min,
+    shell:
+        "python -m dlzo.probe --model {input.model} --out {output.json} --plot {output.png} "
+        "--abs-threshold {params.p[abs_threshold]} --ratio-threshold {params.p[ratio_threshold]} "
+        "--n-seqs {params.p[n_seqs]} --max-len {params.p[max_len]} {params.runtime} > {log} 2>&1"
