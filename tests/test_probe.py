@@ -14,7 +14,7 @@ import torch
 
 from dlzo import DLZOError
 from dlzo.models import build_tiny, decoder_layers, load_model, load_tokenizer
-from dlzo.probe import (BUILTIN_TEXTS, _LayerStats, load_calibration, plot_profile, probe,
+from dlzo.probe import (BUILTIN_TEXTS, _LayerStats, load_calibration, main, plot_profile, probe,
                         resolve_dominant_layer)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -234,9 +234,8 @@ def test_cli_writes_json_and_png(tiny, tmp_path):
     assert r["provenance"]["dtype"] == "float32"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [p for p in out.parent.iterdir() if p.name.endswith(".part")]  # atomic writes left no temp
-    bad = subprocess.run([sys.executable, "-m", "dlzo.probe", "--model", str(tmp_path), "--out", str(out)],
-                         capture_output=True, text=True, env=env)
-    assert bad.returncode == 2 and "config.json" in bad.stderr
+    with pytest.raises(DLZOError, match="config.json"):  # a folder without a model: a message, not a trace
+        main(["--model", str(tmp_path), "--out", str(out)])
 
 
 def test_plot_without_outlier(tiny, tmp_path):

@@ -170,6 +170,8 @@ def probe(model, tokenizer, texts: list[str], abs_threshold: float = 100.0, rati
 
     if not texts:
         raise DLZOError("the probe needs at least one calibration text")
+    if min(topk, max_len, batch_size) < 1:
+        raise DLZOError(f"topk, max_len and batch_size must be >= 1 (got {topk}, {max_len}, {batch_size})")
     blocks = decoder_layers(model)
     stats = [_LayerStats(abs_threshold, topk) for _ in blocks]
     state: dict = {}
@@ -275,8 +277,11 @@ def plot_profile(probe_dict: dict, png_path, title: str | None = None) -> None:
     if k is not None:
         ax.axvline(k, color="black", ls="--", lw=1)
         # below the point and to the right: later layers usually keep the same max, so not above it
-        ax.annotate(f"first outlier layer: {k}\nmax |h| = {mx[k]:.3g} ({layers[k]['ratio']:.3g}\u00d7 median)",
-                    xy=(k, mx[k]), xytext=(14, -70), textcoords="offset points", fontsize=9,
+        left = k <= (x[0] + x[-1]) / 2  # text on the side with more room, so it stays inside the axes
+        ratio = layers[k]["ratio"] or math.inf  # JSON stores an infinite ratio (zero median) as null
+        ax.annotate(f"first outlier layer: {k}\nmax |h| = {mx[k]:.3g} ({ratio:.3g}\u00d7 median)",
+                    xy=(k, mx[k]), xytext=(14 if left else -14, -70), textcoords="offset points", fontsize=9,
+                    ha="left" if left else "right", multialignment="left",
                     arrowprops={"arrowstyle": "->", "lw": 0.8},
                     bbox={"boxstyle": "round", "fc": "white", "ec": "0.5"})
     else:

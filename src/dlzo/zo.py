@@ -37,10 +37,15 @@ def step_seed(run_seed: int, step: int) -> int:
 
 
 def param_groups(named_params: Iterable[tuple[str, torch.nn.Parameter]], weight_decay: float) -> list[dict]:
-    """Split into a decayed group and a no-decay group (biases, norm weights), order kept within each."""
+    """Split into a decayed group and a no-decay group (biases, norm weights), order kept within each.
+
+    MeZO goes by name ("bias", "layer_norm"); names differ across families, so 1-D tensors (every bias
+    and norm weight) count as no-decay too.
+    """
     decay, no_decay = [], []
     for name, p in named_params:
-        (no_decay if any(m in name.lower() for m in NO_DECAY_MARKERS) else decay).append(p)
+        skip = p.ndim < 2 or any(m in name.lower() for m in NO_DECAY_MARKERS)
+        (no_decay if skip else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})

@@ -136,3 +136,8 @@ def probe_input(wildcards):
 def src(*modules):
     """Source files of the modules a job runs (python -m is not tracked as code): editing one reruns its jobs."""
     return [f"src/dlzo/{m}.py" for m in modules]
+
+
+# Jobs run `python -m dlzo.<stage>` with the project's src/ on the path, so they find dlzo inside
+# the per-rule conda envs too (Snakemake copies env files away, so `pip install -e ..` there cannot work).
+DLZO = f"PYTHONPATH={Path(workflow.basedir, 'src')}${{PYTHONPATH:+:$PYTHONPATH}} python -m dlzo"

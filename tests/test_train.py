@@ -1,0 +1,143 @@
+"""zo_train on the tiny model: every method, outputs, checkpoint choice, resume after SIGTERM, errors."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dlzo import DLZOError
+from dlzo.models import load_model
+from dlzo.train import load_tuned_model, main, parse_args, train
+
+from conftest import REPO
+
+
+def run(tmp_path, tiny_model, data, method, task="sst2", extra=(), name=None):
+    out = tmp_path / (name or method)
+    argv = ["--model", str(tiny_model), "--data", str(data), "--task", task, "--method", method,
+            "--seed", "0", "--out", str(out), "--steps", "4", "--batch-size", "2", "--eval-every", "2",
+            "--lr", "1e-2", "--threads", "1", *extra]
+    return train(parse_args(argv)), out
+
+
+@pytest.mark.parametrize("method", ["mezo-full", "layer-2", "lora-zo", "layer-0-lora"])
+def test_methods_tune_only_their_parameters(tmp_path, tiny_model, sst2_data, method):
+    res, out = run(tmp_path, tiny_model, sst2_data, method, extra=["--dev-eval-size", "0"])
+    assert {p.name for p in out.iterdir()} == {"log.json", "tuned.safetensors", "trajectory.jsonl"}
+    log = json.loads((out / "log.json").read_text())
+    assert log["best_step"] in (2, 4) and len(log["train_curve"]) == 4
+    assert log["timing"]["s_per_step"] > 0 and log["peak_memory_mb"] > 0
+    assert log["provenance"]["dtype"] == "float32" and log["provenance"]["device"] == "cpu"
+    base = load_model(tiny_model, torch.device("cpu"), torch.float32)
+    tuned = load_tuned_model(tiny_model, out, torch.device("cpu"), torch.float32)
+    changed = {n for n, p in tuned.named_parameters() if not torch.equal(p, dict(base.named_parameters())[n])}
+    if method == "mezo-full":
+        assert len(changed) == len(list(base.parameters()))
+    elif method == "layer-2":
+        assert changed and all(n.startswith("model.layers.2.") for n in changed)
+    elif method == "lora-zo":  # merged LoRA moves q_proj and v_proj of every layer, nothing else
+        assert changed == {f"model.layers.{i}.self_attn.{m}.weight" for i in range(4) for m in ("q_proj", "v_proj")}
+    else:
+        assert changed == {f"model.layers.0.self_attn.{m}.weight" for m in ("q_proj", "v_proj")}
+
+
+def test_tuned_checkpoint_is_the_best_dev_step(tmp_path, tiny_model, sst2_data):
+    res, out = run(tmp_path, tiny_model, sst2_data, "layer-1", extra=["--steps", "6"])
+    dev = {d["step"]: d["dev_loss"] for d in res["dev_curve"] if d["step"] > 0}
+    assert res["best_step"] == min(dev, key=dev.get)
+    # the saved tensors equal a replay of the trajectory up to the best step
+    from dlzo.train import build
+    from dlzo.zo import ZOSGD, param_groups
+
+    model, named = build(tiny_model, "layer", 1, torch.device("cpu"), torch.float32, 8, 16, 0)
+    traj = [json.loads(x) for x in (out / "trajectory.jsonl").read_text().splitlines()][1:]
+    ZOSGD(param_groups(named, 0.0), lr=1e-2, restore="exact").replay(traj[: res["best_step"]])
+    saved = load_file(str(out / "tuned.safetensors"))
+    for n, p in named:
+        assert torch.equal(saved[n], p), n
+
+
+def test_dominant_uses_probe_or_pin(tmp_path, tiny_model, sst2_data):
+    probe = tmp_path / "probe.json"
+    probe.write_text(json.dumps({"first_outlier_layer": 1, "num_layers": 4, "layers": [],
+                                 "thresholds": {"abs": 100, "ratio": 1000}}))
+    res, _ = run(tmp_path, tiny_model, sst2_data, "dominant", extra=["--probe", str(probe)])
+    assert (res["layer"], res["layer_from"]) == (1, "probe")
+    res, _ = run(tmp_path, tiny_model, sst2_data, "dominant", extra=["--probe", str(probe), "--layer", "3"],
+                 name="pinned")
+    assert (res["layer"], res["layer_from"]) == (3, "pinned")
+    probe.write_text(json.dumps({"first_outlier_layer": None, "num_layers": 4, "layers": [],
+                                 "thresholds": {"abs": 100, "ratio": 1000}}))
+    with pytest.raises(DLZOError, match="dominant_layer"):
+        run(tmp_path, tiny_model, sst2_data, "dominant", extra=["--probe", str(probe)], name="none")
+
+
+def test_layer_past_depth_and_bad_method(tmp_path, tiny_model, sst2_data):
+    with pytest.raises(DLZOError, match="past the model's depth"):
+        run(tmp_path, tiny_model, sst2_data, "layer-9")
+    with pytest.raises(DLZOError, match="unknown method"):
+        run(tmp_path, tiny_model, sst2_data, "layer-x")
+
+
+def test_nan_loss_stops_with_step_and_keeps_trajectory(tmp_path, tiny_model, sst2_data, monkeypatch):
+    import dlzo.train as train_mod
+
+    real, calls = train_mod.objective_loss, {"n": 0}
+
+    def diverging(model, batch):  # the 3rd step's forward passes return NaN (2 passes per step)
+        calls["n"] += 1
+        return torch.tensor(float("nan")) if calls["n"] > 4 + 1 else real(model, batch)
+
+    monkeypatch.setattr(train_mod, "objective_loss", diverging)
+    monkeypatch.setattr(train_mod, "_mean_loss", lambda *a: 0.5)  # dev loss: not a training forward
+    with pytest.raises(DLZOError, match=r"non-finite loss at step 2.*trajectory up to step 1"):
+        run(tmp_path, tiny_model, sst2_data, "mezo-full", extra=["--steps", "10"], name="nan")
+    partial = tmp_path / "nan" / "trajectory.partial.jsonl"
+    assert len(partial.read_text().splitlines()) == 1 + 2  # header + the two good steps
+    assert not (tmp_path / "nan" / "log.json").exists()
+
+
+def test_lm_objective_trains(tmp_path, tiny_model, squad_data):
+    res, _ = run(tmp_path, tiny_model, squad_data, "layer-3", task="squad")
+    assert res["best_dev_loss"] > 0
+
+
+def test_cli_rejects_bad_hyperparameters(tiny_model, sst2_data, tmp_path):
+    with pytest.raises(SystemExit):
+        main(["--model", str(tiny_model), "--data", str(sst2_data), "--task", "sst2", "--method", "layer-1",
+              "--out", str(tmp_path / "x"), "--lr", "0"])
+
+
+def test_sigterm_then_resume_is_bit_identical(tmp_path, tiny_model, sst2_data):
+    args = ["--model", str(tiny_model), "--data", str(sst2_data), "--task", "sst2", "--seed", "1",
+            "--steps", "150", "--batch-size", "2", "--eval-every", "40", "--lr", "1e-2", "--threads", "1"]
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    for method in ("layer-2", "mezo-full"):
+        ref, cut = tmp_path / f"ref-{method}", tmp_path / f"cut-{method}"
+        subprocess.run([sys.executable, "-m", "dlzo.train", *args, "--method", method, "--out", str(ref)],
+                       check=True, env=env, capture_output=True)
+        proc = subprocess.Popen([sys.executable, "-m", "dlzo.train", *args, "--method", method, "--out", str(cut)],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        partial = cut / "trajectory.partial.jsonl"
+        deadline = time.time() + 120
+        while time.time() < deadline and (not partial.exists() or len(partial.read_text().splitlines()) < 50):
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode != 0, err.decode()[-500:]
+        assert not (cut / "log.json").exists() and not (cut / "tuned.safetensors").exists()
+        n_done = len(partial.read_text().splitlines()) - 1
+        assert 50 <= n_done < 150
+        subprocess.run([sys.executable, "-m", "dlzo.train", *args, "--method", method, "--out", str(cut)],
+                       check=True, env=env, capture_output=True)
+        log = json.loads((cut / "log.json").read_text())
+        assert log["resumed_from_step"] == n_done
+        assert (cut / "trajectory.jsonl").read_text() == (ref / "trajectory.jsonl").read_text()
+        a, b = load_file(str(cut / "tuned.safetensors")), load_file(str(ref / "tuned.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        assert log["best_step"] == json.loads((ref / "log.json").read_text())["best_step"]
