@@ -27,6 +27,14 @@ include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/tables.smk"
 
 
+# Light or network-bound jobs stay on the submitting node under a cluster executor.
+localrules:
+    all,
+    download_model,
+    prepare_data,
+    tables,
+
+
 rule all:
     input:
         rules.tables.output,

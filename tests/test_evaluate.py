@@ -7,6 +7,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import glob
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 import time
@@ -194,7 +195,7 @@ def test_lm_eval_cli_reproduces(tiny, tmp_path):
 def test_missing_test_file(tiny, tmp_path):
     _, model, tok = tiny
     missing = tmp_path / "nodata" / "test.jsonl"
-    with pytest.raises(DLZOError, match=str(missing)):
+    with pytest.raises(DLZOError, match=re.escape(str(missing))):
         write_task_yaml("sst2", missing, tmp_path / "tasks")
     with pytest.raises(DLZOError, match="test.jsonl"):
         evaluate(model, tok, "sst2", tmp_path / "nodata", tmp_path / "tasks", 4, None)

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from dlzo import DLZOError
-from dlzo.io import read_json, read_jsonl, write_json
+from dlzo.io import atomic_path, read_json, read_jsonl, write_json
 
 MAX_GEN_TOKS = 50
 MC_METRICS = ("acc", "acc_norm")
@@ -109,8 +109,6 @@ def _write_text(path: Path, text: str) -> None:
     # skip identical rewrites: lm-eval caches utils.py by mtime, and concurrent readers see no churn
     if path.exists() and path.read_text() == text:
         return
-    from dlzo.io import atomic_path
-
     with atomic_path(path) as tmp:
         tmp.write_text(text)
 
@@ -121,8 +119,9 @@ def write_task_yaml(task: str, test_jsonl: str | Path, out_dir: str | Path) -> s
     Fields are named directly (doc_to_text: prompt), not as Jinja templates: lm-eval then returns the
     record's value untouched (a template's output is re-parsed, e.g. a digit-only prompt turns int).
     target_delimiter is empty, so lm-eval scores exactly prompt + candidate. Note: lm-eval moves any
-    whitespace that ends the prompt (e.g. RTE's final newline) into the scored continuation; the
-    full string is unchanged, only that whitespace's log-prob is added to every candidate alike.
+    whitespace that ends the prompt (e.g. RTE's final newline) into the scored continuation: the
+    string is unchanged, but the whitespace's log-prob is added to each candidate's (the same amount
+    for all candidates when it is a token of its own, as a newline is: acc is unaffected).
     """
     test_jsonl = Path(test_jsonl).resolve()  # lm-eval resolves relative data paths against the cwd
     if not test_jsonl.exists():
@@ -166,7 +165,8 @@ def _flatten(task_result: dict) -> dict:
 
 def cli_command(model_dir, tasks_dir, name, batch_size, dtype="float32", device="cpu", limit=None) -> str:
     """The plain lm-eval command that reproduces an evaluation of a saved (base) model."""
-    cmd = (f"lm_eval --model hf --model_args pretrained={Path(model_dir).resolve()},dtype={dtype} "
+    soft = ",softmax_dtype=float32" if dtype in ("float16", "bfloat16") else ""  # as evaluate() does
+    cmd = (f"lm_eval --model hf --model_args pretrained={Path(model_dir).resolve()},dtype={dtype}{soft} "
            f"--include_path {Path(tasks_dir).resolve()} --tasks {name} --batch_size {batch_size} "
            f"--device {device}")
     return cmd + (f" --limit {limit}" if limit else "")

@@ -171,6 +171,7 @@ def layer_figure(evals: pd.DataFrame, probes: dict[str, dict], logs: pd.DataFram
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     panels = [(m, t) for m, t in evals[["model", "task"]].drop_duplicates().itertuples(index=False)]
     fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(4.2 * max(1, len(panels)), 3.4), squeeze=False)
@@ -200,6 +201,7 @@ def layer_figure(evals: pd.DataFrame, probes: dict[str, dict], logs: pd.DataFram
         n = (probes.get(model) or {}).get("num_layers")
         if n:
             ax.set_xlim(-0.5, n - 0.5)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(f"{model} / {task}", fontsize=10)
         ax.set_xlabel("tuned decoder layer (0-based)")
         ax.set_ylabel("test accuracy / F1 (%)")

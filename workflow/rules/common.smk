@@ -138,6 +138,7 @@ def src(*modules):
     return [f"src/dlzo/{m}.py" for m in modules]
 
 
+
 # Jobs run `python -m dlzo.<stage>` with the project's src/ on the path, so they find dlzo inside
 # the per-rule conda envs too (Snakemake copies env files away, so `pip install -e ..` there cannot work).
-DLZO = f"PYTHONPATH={Path(workflow.basedir, 'src')}${{PYTHONPATH:+:$PYTHONPATH}} python -m dlzo"
+shell.prefix(f"export PYTHONPATH={Path(workflow.basedir, 'src')}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")

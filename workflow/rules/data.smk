@@ -18,5 +18,5 @@ rule prepare_data:
     conda:
         "../../envs/data.yaml"
     shell:
-        "{DLZO}.data --task {wildcards.task} --source '{params.source}' --seed {params.seed} "
+        "python -m dlzo.data --task {wildcards.task} --source '{params.source}' --seed {params.seed} "
         "{params.sizes} --out $(dirname {output.meta}) > {log} 2>&1"

@@ -15,5 +15,5 @@ rule download_model:
     resources:
         mem_mb=mem_mb,
     shell:
-        "{DLZO}.download --source '{params.source}' --out {output} "
+        "python -m dlzo.download --source '{params.source}' --out {output} "
         "--num-layers {params.num_layers} > {log} 2>&1"

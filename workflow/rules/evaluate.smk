@@ -21,7 +21,7 @@ rule evaluate:
         mem_mb=mem_mb,
         runtime=runtime_min,
     shell:
-        "{DLZO}.evaluate --model {input.model} --data $(dirname {input.test}) --task {wildcards.task} "
+        "python -m dlzo.evaluate --model {input.model} --data $(dirname {input.test}) --task {wildcards.task} "
         "--run $(dirname {input.run}) --method {wildcards.method} --seed {wildcards.seed} "
         "--tasks-dir $(dirname {output})/lm_eval_tasks/{wildcards.method}-seed{wildcards.seed} "
         "--batch-size {params.e[batch_size]} {params.runtime} --out {output} > {log} 2>&1"
@@ -49,6 +49,6 @@ rule evaluate_zero_shot:
         mem_mb=mem_mb,
         runtime=runtime_min,
     shell:
-        "{DLZO}.evaluate --model {input.model} --data $(dirname {input.test}) --task {wildcards.task} "
+        "python -m dlzo.evaluate --model {input.model} --data $(dirname {input.test}) --task {wildcards.task} "
         "--method zero-shot --tasks-dir $(dirname {output})/lm_eval_tasks/zero-shot "
         "--batch-size {params.e[batch_size]} {params.runtime} --out {output} > {log} 2>&1"

@@ -22,6 +22,6 @@ checkpoint probe_outliers:
         mem_mb=mem_mb,
         runtime=runtime_min,
     shell:
-        "{DLZO}.probe --model {input.model} --out {output.json} --plot {output.png} "
+        "python -m dlzo.probe --model {input.model} --out {output.json} --plot {output.png} "
         "--abs-threshold {params.p[abs_threshold]} --ratio-threshold {params.p[ratio_threshold]} "
         "--n-seqs {params.p[n_seqs]} --max-len {params.p[max_len]} {params.runtime} > {log} 2>&1"

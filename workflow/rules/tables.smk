@@ -18,6 +18,6 @@ rule tables:
     conda:
         "../../envs/tables.yaml"
     shell:
-        "{DLZO}.tables --evals {input.evals} --train-logs {input.logs} --probes {input.probes} "
+        "python -m dlzo.tables --evals {input.evals} --train-logs {input.logs} --probes {input.probes} "
         "--out $(dirname {output.accuracy_md}) "
         "> {log} 2>&1"

@@ -25,7 +25,7 @@ rule zo_train:
         mem_mb=mem_mb,
         runtime=runtime_min,
     shell:
-        "{DLZO}.train --model {input.model} --model-name {wildcards.model} "
+        "python -m dlzo.train --model {input.model} --model-name {wildcards.model} "
         "--data $(dirname {input.train}) --task {wildcards.task} --method {wildcards.method} "
         "--seed {wildcards.seed} --out $(dirname {output.log}) {params.probe} {params.args} "
         "{params.runtime} > {log} 2>&1"
