@@ -141,3 +141,24 @@ def test_sigterm_then_resume_is_bit_identical(tmp_path, tiny_model, sst2_data):
         a, b = load_file(str(cut / "tuned.safetensors")), load_file(str(ref / "tuned.safetensors"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
         assert log["best_step"] == json.loads((ref / "log.json").read_text())["best_step"]
+
+
+@pytest.mark.parametrize("method", ["layer-1", "layer-2-lora"])
+def test_frozen_prefix_path_matches_plain_path(tmp_path, tiny_model, sst2_data, method):
+    """Same seed: the cached-prefix steps give the plain path's projected gradients and weights."""
+    runs = {}
+    for mode in ("off", "batch", "dataset"):
+        res, out = run(tmp_path, tiny_model, sst2_data, method, extra=["--prefix-cache", mode, "--steps", "5"],
+                       name=f"{method}-{mode}")
+        assert res["hyper"]["prefix_cache"] == mode
+        traj = [json.loads(x) for x in (out / "trajectory.jsonl").read_text().splitlines()][1:]
+        runs[mode] = ([r["g"] for r in traj], load_file(str(out / "tuned.safetensors")))
+    for mode in ("batch", "dataset"):
+        assert runs[mode][0] == pytest.approx(runs["off"][0], rel=1e-3, abs=1e-4)
+        for k, v in runs["off"][1].items():
+            torch.testing.assert_close(runs[mode][1][k], v, rtol=1e-3, atol=2e-5)
+
+
+def test_prefix_cache_refuses_multi_layer_methods(tmp_path, tiny_model, sst2_data):
+    with pytest.raises(DLZOError, match="single-layer method"):
+        run(tmp_path, tiny_model, sst2_data, "mezo-full", extra=["--prefix-cache", "dataset"])

@@ -72,7 +72,12 @@ def _gguf(package: str, fname: str, out: Path) -> None:
     tok = AutoTokenizer.from_pretrained(str(folder), gguf_file=fname)
     loaded = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=fname, dtype=torch.float32)
     # A GGUF-loaded model refuses save_pretrained: rebuild a plain one from its config and weights.
-    model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        # the weights are dequantised now: a leftover GGUF quantization_config makes plain
+        # `from_pretrained(dir)` (and lm-eval's CLI) look for the .gguf file again
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
     model.tie_weights()
     model.save_pretrained(str(out))

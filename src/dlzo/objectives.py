@@ -10,7 +10,7 @@ training scores exactly the token sequences that evaluation scores.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,8 @@ class Batch:
     n_cands: list[int]            # candidates per example (objective "candidates"); [] for "lm"
     labels: torch.Tensor          # (n_examples,) gold candidate index; empty for "lm"
     objective: str
+    keys: list[tuple] = field(default_factory=list)  # (record id, candidate) per sequence: prefix cache keys
+    memo: dict = field(default_factory=dict)          # per-batch work shared by the two perturbed passes
 
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -44,7 +46,7 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
 
 def make_batch(tokenizer, records: list[dict], objective: str, device: torch.device,
                max_len: int | None = None) -> Batch:
-    seqs, conts, n_cands, labels = [], [], [], []
+    seqs, conts, n_cands, labels, keys = [], [], [], [], []
     for rec in records:
         if objective == "candidates":
             cands = rec.get("candidates")
@@ -57,7 +59,8 @@ def make_batch(tokenizer, records: list[dict], objective: str, device: torch.dev
             pairs = [encode_pair(tokenizer, rec["prompt"], gold_continuation(rec))]
         else:
             raise DLZOError(f"unknown objective {objective!r}: expected 'candidates' or 'lm'")
-        for ctx, cont in pairs:
+        for k, (ctx, cont) in enumerate(pairs):
+            keys.append((rec.get("id"), k))
             if not cont:
                 raise DLZOError(f"record {rec.get('id')!r}: the continuation has no tokens")
             ids = ctx + cont
@@ -80,7 +83,7 @@ def make_batch(tokenizer, records: list[dict], objective: str, device: torch.dev
             seq_of.append(i)
     as_t = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
     return Batch(input_ids.to(device), mask.to(device), as_t(pos), as_t(tok), as_t(seq_of),
-                 n_cands, as_t(labels), objective)
+                 n_cands, as_t(labels), objective, keys)
 
 
 def _backbone_and_head(model):
@@ -91,32 +94,41 @@ def _backbone_and_head(model):
         return None, None
 
 
-def token_logprobs(model, batch: Batch) -> torch.Tensor:
+def _pick_logprobs(head, hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """The LM head only at the positions the loss reads (not the whole vocabulary everywhere)."""
+    h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.score_pos)
+    return torch.log_softmax(head(h).float(), dim=-1).gather(1, batch.score_tok[:, None]).squeeze(1)
+
+
+def token_logprobs(model, batch: Batch, prefix: "FrozenPrefix | None" = None) -> torch.Tensor:
     """log p(scored token | prefix) for every scored token, in float32."""
+    if prefix is not None:
+        return prefix.token_logprobs(batch)
     backbone, head = _backbone_and_head(model)
     if backbone is not None and head is not None:
-        hidden = backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
-        h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.score_pos)
-        logits = head(h).float()
+        hidden = backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                          use_cache=False).last_hidden_state
+        return _pick_logprobs(head, hidden, batch)
     else:  # models without a separable head: full logits, then pick
-        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
         logits = out.reshape(-1, out.shape[-1]).index_select(0, batch.score_pos).float()
-    return torch.log_softmax(logits, dim=-1).gather(1, batch.score_tok[:, None]).squeeze(1)
+        return torch.log_softmax(logits, dim=-1).gather(1, batch.score_tok[:, None]).squeeze(1)
 
 
-def sequence_scores(model, batch: Batch) -> torch.Tensor:
+def sequence_scores(model, batch: Batch, prefix: "FrozenPrefix | None" = None) -> torch.Tensor:
     """Mean log-prob of each sequence's continuation tokens."""
-    lp = token_logprobs(model, batch)
+    lp = token_logprobs(model, batch, prefix)
     n_seq = batch.input_ids.shape[0]
     total = torch.zeros(n_seq, device=lp.device).index_add_(0, batch.score_seq, lp)
     count = torch.zeros(n_seq, device=lp.device).index_add_(0, batch.score_seq, torch.ones_like(lp))
     return total / count
 
 
-def loss(model, batch: Batch) -> torch.Tensor:
+def loss(model, batch: Batch, prefix: "FrozenPrefix | None" = None) -> torch.Tensor:
+    """The batch's training loss; with ``prefix``, only the layers from the tuned one on are run."""
     if batch.objective == "lm":
-        return -token_logprobs(model, batch).mean()
-    scores = sequence_scores(model, batch)
+        return -token_logprobs(model, batch, prefix).mean()
+    scores = sequence_scores(model, batch, prefix)
     if len(set(batch.n_cands)) == 1:
         logits = scores.view(len(batch.n_cands), batch.n_cands[0])
         return F.cross_entropy(logits, batch.labels)
@@ -125,3 +137,106 @@ def loss(model, batch: Batch) -> torch.Tensor:
         losses.append(F.cross_entropy(scores[start:start + k][None], label[None]))
         start += k
     return torch.stack(losses).mean()
+
+
+class _Captured(Exception):
+    pass
+
+
+class FrozenPrefix:
+    """Single-layer ZO without recomputing what cannot change: the layers before the tuned one.
+
+    The tuned layer's input depends only on frozen weights, so it is computed once per sequence
+    (``cache="dataset"``: for the whole training set up front, in fixed chunks, so resumed runs see
+    the same bits) or once per batch (``cache="batch"``: shared by the two perturbed passes). A step
+    then runs the tuned layer and the ones after it, and the LM head only at scored positions.
+    Works for decoders whose layers take the same keyword arguments (mask, rotary embeddings) from
+    the tuned layer on and that end in ``norm``; otherwise ``FrozenPrefix.supported`` says why not.
+    """
+
+    def __init__(self, model, layer: int, cache: str = "dataset"):
+        from dlzo.models import decoder_layers
+
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.backbone, self.head = _backbone_and_head(base)
+        self.layers = decoder_layers(base)
+        self.layer, self.cache = layer, cache
+        self.norm = getattr(self.backbone, "norm", None)
+        self.store: dict[tuple, torch.Tensor] = {}
+        why = self.supported(base, layer)
+        if why:
+            raise DLZOError(f"no frozen-prefix fast path for {type(base).__name__}: {why}")
+
+    @staticmethod
+    def supported(model, layer: int) -> str | None:
+        from dlzo.models import decoder_layers
+
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        backbone, head = _backbone_and_head(base)
+        if backbone is None or head is None or getattr(backbone, "norm", None) is None:
+            return "no separable decoder / final norm / LM head"
+        kinds = {getattr(m, "layer_type", getattr(m, "attention_type", None)) for m in decoder_layers(base)[layer:]}
+        if len(kinds) > 1:
+            return f"layers from {layer} on mix attention types {sorted(map(str, kinds))}"
+        return None
+
+    def _layer_inputs(self, input_ids, attention_mask):
+        """Embeddings and the keyword arguments the model hands every decoder layer (mask, rotary)."""
+        captured = {}
+
+        def grab(module, args, kwargs):
+            captured["h"] = args[0] if args else kwargs["hidden_states"]
+            captured["kw"] = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "cache", "past_key_values")}
+            captured["kw"]["use_cache"] = False
+            raise _Captured
+
+        handle = self.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        except _Captured:
+            pass
+        finally:
+            handle.remove()
+        return captured["h"], captured["kw"]
+
+    @staticmethod
+    def _run(h, kw, layers):
+        for layer in layers:
+            out = layer(h, **kw)
+            h = out[0] if isinstance(out, tuple) else out
+        return h
+
+    def _prefix(self, batch: Batch) -> torch.Tensor:
+        h, kw = self._layer_inputs(batch.input_ids, batch.attention_mask)
+        return self._run(h, kw, self.layers[: self.layer])
+
+    @torch.no_grad()
+    def fill(self, batches) -> None:
+        """Compute and keep the tuned layer's input for every sequence of ``batches`` (cache="dataset")."""
+        for batch in batches:
+            h = self._prefix(batch)
+            lengths = batch.attention_mask.sum(1).tolist()
+            for row, key in enumerate(batch.keys):
+                self.store[key] = h[row, : lengths[row]].clone()
+
+    def _inputs(self, batch: Batch):
+        if "prefix" not in batch.memo:
+            _, kw = self._layer_inputs(batch.input_ids, batch.attention_mask)
+            if self.cache == "dataset":
+                missing = [k for k in batch.keys if k not in self.store]
+                if missing:
+                    raise DLZOError(f"frozen-prefix cache has no entry for {missing[0]}: call fill() on the training set")
+                h = torch.zeros(*batch.input_ids.shape, self.store[batch.keys[0]].shape[-1],
+                                dtype=self.store[batch.keys[0]].dtype, device=batch.input_ids.device)
+                for row, key in enumerate(batch.keys):
+                    t = self.store[key]
+                    h[row, : t.shape[0]] = t
+            else:
+                h = self._prefix(batch)
+            batch.memo["prefix"] = (h, kw)
+        return batch.memo["prefix"]
+
+    def token_logprobs(self, batch: Batch) -> torch.Tensor:
+        h, kw = self._inputs(batch)
+        h = self.norm(self._run(h, kw, self.layers[self.layer:]))
+        return _pick_logprobs(self.head, h, batch)

