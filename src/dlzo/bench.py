@@ -1,0 +1,161 @@
+"""Benchmark: seconds per ZO step and peak memory, MeZO-faithful vs ours vs the forward-pass floor.
+
+    python -m dlzo.bench --model <model dir> --out bench.json [--probe probe.json] [--layers 1]
+
+In one run, on batches shaped like SST-2 (16 x 32 tokens) and COPA (16 x 16 tokens), for each layer
+(index 1, LLaMA2-7B's dominant layer and the worst case, plus the probe's layer when given):
+  mezo_faithful_full_s  MeZO's step on every parameter: z regenerated four times, in-place
+                        perturbations, full logits at every position
+  full_s                our full-model step (LM head only at the scored positions)
+  layer_s               our single-layer step (z drawn once, exact restore, frozen prefix cached)
+  floor_s               two forward passes from the tuned layer on, with only the logits the loss needs
+  speedup_vs_mezo = mezo_faithful_full_s / layer_s;  overhead_vs_floor = layer_s / floor_s
+Each mode runs in a fresh process, so its peak memory (GPU: max allocated; CPU: peak RSS) is its own;
+``inference_peak_mb`` is plain inference on the same batch. Step times are medians over --steps.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import statistics
+import sys
+import time
+
+import torch
+
+from dlzo.io import read_json, write_json
+
+SHAPES = {"sst2": (16, 32), "copa": (16, 16)}
+MODES = ("inference", "mezo_faithful_full", "full", "layer", "floor")
+
+
+def _batch(tokenizer_vocab: int, n: int, t: int, device, seed: int = 0):
+    from dlzo.objectives import Batch
+
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, tokenizer_vocab, (n, t), generator=gen)
+    pos = torch.arange(n) * t + (t - 2)  # one scored token per sequence (the candidate), as SST-2
+    tok = ids[:, t - 1]
+    return Batch(ids.to(device), torch.ones_like(ids).to(device), pos.to(device), tok.to(device),
+                 torch.arange(n, device=device), [], torch.zeros(0, dtype=torch.long, device=device), "lm",
+                 keys=[(i, 0) for i in range(n)])
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _measure(mode: str, model_dir: str, layer: int, shape: tuple[int, int], steps: int, device_name: str,
+             dtype_name: str, threads: int | None, queue) -> None:
+    """One mode in its own process: median seconds per step and peak memory."""
+    from dlzo.models import load_model
+    from dlzo.objectives import FrozenPrefix, loss
+    from dlzo.runtime import peak_memory_mb, pick_device, pick_dtype, set_threads
+    from dlzo.zo import ZOSGD
+
+    set_threads(threads)
+    device = pick_device(device_name)
+    dtype = pick_dtype(dtype_name, device)
+    model = load_model(model_dir, device, dtype)
+    batch = _batch(model.config.vocab_size, *shape, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def full_logits_loss():  # what MeZO computes: logits over the whole vocabulary at every position
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+        flat = logits.reshape(-1, logits.shape[-1]).float()
+        return -torch.log_softmax(flat, -1)[batch.score_pos, batch.score_tok].mean()
+
+    prefix = None
+    if mode in ("layer", "floor"):
+        prefix = FrozenPrefix(model, layer, "dataset")
+        prefix.fill([batch])
+    if mode == "inference":
+        run = lambda: loss(model, batch)  # noqa: E731
+    elif mode == "floor":
+        def run():
+            batch.memo.clear()
+            return loss(model, batch, prefix), loss(model, batch, prefix)
+    else:
+        if mode == "layer":
+            params = list(prefix.layers[layer].parameters())
+            opt = ZOSGD(params, lr=1e-6, eps=1e-3, seed=0, restore="exact")
+            closure = lambda: loss(model, batch, prefix)  # noqa: E731
+        else:
+            opt = ZOSGD(model.parameters(), lr=1e-6, eps=1e-3, seed=0, restore="mezo")
+            closure = full_logits_loss if mode == "mezo_faithful_full" else (lambda: loss(model, batch))
+
+        def run():
+            batch.memo.clear()
+            return opt.step(closure)
+    times = []
+    with torch.no_grad():
+        for i in range(steps + 1):  # the first is warm-up
+            _sync(device)
+            t0 = time.perf_counter()
+            run()
+            _sync(device)
+            if i:
+                times.append(time.perf_counter() - t0)
+    queue.put({"s": statistics.median(times), "peak_mb": peak_memory_mb(device)})
+
+
+def run_mode(mode, model_dir, layer, shape, steps, device, dtype, threads) -> dict:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_measure, args=(mode, model_dir, layer, shape, steps, device, dtype, threads, queue))
+    proc.start()
+    result = queue.get(timeout=3600)
+    proc.join()
+    return result
+
+
+def bench(model_dir: str, layers: list[int], steps: int, device: str, dtype: str, threads: int | None) -> dict:
+    out = {"model": model_dir, "steps": steps, "device": device, "dtype": dtype, "threads": threads, "results": {}}
+    for shape_name, shape in SHAPES.items():
+        base = {m: run_mode(m, model_dir, layers[0], shape, steps, device, dtype, threads)
+                for m in ("inference", "mezo_faithful_full", "full")}
+        for layer in layers:
+            lay = {m: run_mode(m, model_dir, layer, shape, steps, device, dtype, threads) for m in ("layer", "floor")}
+            r = {
+                "shape": list(shape), "layer": layer,
+                "mezo_faithful_full_s": base["mezo_faithful_full"]["s"], "full_s": base["full"]["s"],
+                "layer_s": lay["layer"]["s"], "floor_s": lay["floor"]["s"],
+                "inference_s": base["inference"]["s"],
+            }
+            r["speedup_vs_mezo"] = r["mezo_faithful_full_s"] / r["layer_s"]
+            r["overhead_vs_floor"] = r["layer_s"] / r["floor_s"]
+            r["peak_mb"] = {"mezo_faithful_full": base["mezo_faithful_full"]["peak_mb"], "full": base["full"]["peak_mb"],
+                            "layer": lay["layer"]["peak_mb"], "floor": lay["floor"]["peak_mb"]}
+            r["inference_peak_mb"] = base["inference"]["peak_mb"]
+            out["results"][f"{shape_name}/layer-{layer}"] = r
+            print(json.dumps({f"{shape_name}/layer-{layer}": r}), file=sys.stderr)
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--probe", default=None, help="probe.json: also measure the probe's layer")
+    ap.add_argument("--layers", type=int, nargs="*", default=[1])
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--threads", type=int, default=None)
+    a = ap.parse_args(argv)
+    layers = list(a.layers)
+    if a.probe:
+        first = read_json(a.probe, "probe result").get("first_outlier_layer")
+        if first is not None and first not in layers:
+            layers.append(first)
+    res = bench(a.model, layers, a.steps, a.device, a.dtype, a.threads)
+    write_json(a.out, res)
+    print(json.dumps(res, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
