@@ -89,9 +89,9 @@ def test_nan_loss_stops_with_step_and_keeps_trajectory(tmp_path, tiny_model, sst
 
     real, calls = train_mod.objective_loss, {"n": 0}
 
-    def diverging(model, batch):  # the 3rd step's forward passes return NaN (2 passes per step)
+    def diverging(model, batch, prefix=None):  # the 3rd step's forward passes return NaN (2 passes per step)
         calls["n"] += 1
-        return torch.tensor(float("nan")) if calls["n"] > 4 + 1 else real(model, batch)
+        return torch.tensor(float("nan")) if calls["n"] > 4 + 1 else real(model, batch, prefix)
 
     monkeypatch.setattr(train_mod, "objective_loss", diverging)
     monkeypatch.setattr(train_mod, "_mean_loss", lambda *a: 0.5)  # dev loss: not a training forward
