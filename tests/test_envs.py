@@ -1,6 +1,5 @@
 """The per-rule conda envs pin exactly the versions `make` installs (requirements.txt)."""
 import re
-from pathlib import Path
 
 import yaml
 

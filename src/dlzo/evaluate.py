@@ -30,6 +30,7 @@ from pathlib import Path
 
 from dlzo import DLZOError
 from dlzo.io import atomic_path, read_json, read_jsonl, write_json
+from dlzo.runtime import add_runtime_args
 
 MAX_GEN_TOKS = 50
 MC_METRICS = ("acc", "acc_norm")
@@ -217,20 +218,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tasks-dir", help="folder for the lm-eval task YAML (default: <out without .json>.lm_eval/)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--limit", type=int, help="first N test examples only (smoke tests)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--threads", type=int)
+    add_runtime_args(p)
     p.add_argument("--method", help="recorded in the result only")
     p.add_argument("--seed", type=int, help="recorded in the result only")
     args = p.parse_args(argv)
 
     from dlzo.models import load_model, load_tokenizer
-    from dlzo.runtime import pick_device, pick_dtype, provenance, set_threads
+    from dlzo.runtime import provenance, setup_runtime
 
     started = time.time()
-    set_threads(args.threads)
-    device = pick_device(args.device)
-    dtype = pick_dtype(args.dtype, device)
+    device, dtype = setup_runtime(args)
     out = Path(args.out)
     tasks_dir = Path(args.tasks_dir) if args.tasks_dir else out.with_name(out.stem + ".lm_eval")
     data_dir = Path(args.data)

@@ -302,7 +302,7 @@ def plot_profile(probe_dict: dict, png_path, title: str | None = None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from dlzo.models import load_model, load_tokenizer
-    from dlzo.runtime import pick_device, pick_dtype, provenance, set_threads
+    from dlzo.runtime import add_runtime_args, provenance, setup_runtime
 
     ap = argparse.ArgumentParser(prog="python -m dlzo.probe", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, help="model folder (config.json + weights + tokenizer)")
@@ -315,16 +315,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--abs-threshold", type=float, default=100.0)
     ap.add_argument("--ratio-threshold", type=float, default=1000.0)
     ap.add_argument("--topk", type=int, default=5)
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--dtype", default="auto", help="auto: fp16 on GPU, fp32 on CPU")
-    ap.add_argument("--threads", type=int, default=None)
+    add_runtime_args(ap)
     ap.add_argument("--plot", default=None, help="also write the per-layer profile as a PNG")
     args = ap.parse_args(argv)
 
     started = time.time()
-    set_threads(args.threads)
-    device = pick_device(args.device)
-    dtype = pick_dtype(args.dtype, device)
+    device, dtype = setup_runtime(args)
     texts, source = load_calibration(args.calibration, args.n_seqs)
     name = Path(args.model).name
     model = load_model(args.model, device, dtype)  # first: it says what a folder without a model lacks

@@ -102,3 +102,16 @@ def provenance(device: torch.device | None = None, dtype: torch.dtype | None = N
 
 def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def add_runtime_args(ap) -> None:
+    """--device, --dtype and --threads, the same for every stage."""
+    ap.add_argument("--device", default="auto", help="auto: CUDA when present, else CPU")
+    ap.add_argument("--dtype", default="auto", help="auto: fp16 on GPU, fp32 on CPU; or fp32, fp16, bf16")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+
+
+def setup_runtime(args) -> tuple[torch.device, torch.dtype]:
+    set_threads(args.threads)
+    device = pick_device(args.device)
+    return device, pick_dtype(args.dtype, device)

@@ -33,7 +33,7 @@ from dlzo.io import atomic_path, read_json, read_jsonl, write_json
 from dlzo.models import add_lora, check_layer, load_model, load_tokenizer, parse_method, tuned_parameters
 from dlzo.objectives import FrozenPrefix, make_batch
 from dlzo.objectives import loss as objective_loss
-from dlzo.runtime import peak_memory_mb, pick_device, pick_dtype, provenance, set_threads
+from dlzo.runtime import add_runtime_args, peak_memory_mb, provenance, setup_runtime
 from dlzo.zo import NonFiniteLoss, ZOSGD, param_groups
 
 LORA_TARGETS = ["q_proj", "v_proj"]
@@ -125,9 +125,7 @@ def _read_partial(path: Path, header: dict) -> list[dict]:
 
 def train(args) -> dict:
     started = time.time()
-    set_threads(args.threads)
-    device = pick_device(args.device)
-    dtype = pick_dtype(args.dtype, device)
+    device, dtype = setup_runtime(args)
     from dlzo.tasks import get_task
 
     task = get_task(args.task)
@@ -315,9 +313,7 @@ def parse_args(argv=None):
     ap.add_argument("--prefix-cache", default="auto", choices=["auto", "dataset", "batch", "off"],
                     help="single-layer methods: compute the frozen layers before the tuned one once per "
                          "training sequence (dataset), once per batch (batch), or every pass (off)")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--threads", type=int, default=None)
+    add_runtime_args(ap)
     args = ap.parse_args(argv)
     if args.lr <= 0 or args.eps <= 0 or args.steps <= 0:
         ap.error(f"--lr, --eps and --steps must be > 0 (got lr={args.lr}, eps={args.eps}, steps={args.steps})")
