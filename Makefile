@@ -9,7 +9,7 @@ CORES  ?= 2
 SNAKEMAKE := $(BIN)/snakemake --workflow-profile none --cores $(CORES)
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup demo tiny test test-fast lint dag paper-dry-run clean-results
+.PHONY: setup demo reference tiny test test-fast lint dag paper-dry-run
 
 setup: $(STAMP)
 
@@ -26,6 +26,14 @@ $(STAMP): requirements.txt requirements-demo.txt pyproject.toml
 demo: setup
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(SNAKEMAKE) --configfile workflow/configs/demo.yaml
 	@cat results/tables/accuracy.md results/tables/speedup.md
+
+# the committed copy of the demo's tables and figures that the README shows
+reference: demo
+	mkdir -p results/reference/demo
+	cp results/tables/accuracy.md results/tables/accuracy.csv results/tables/speedup.md \
+	   results/tables/speedup.csv results/tables/layer_sweep.png \
+	   results/probe/smollm2-135m/probe.json results/probe/smollm2-135m/activation_profile.png \
+	   results/reference/demo/
 
 tiny: setup
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(SNAKEMAKE) --configfile workflow/configs/tiny.yaml

@@ -182,7 +182,9 @@ def layer_figure(evals: pd.DataFrame, probes: dict[str, dict], logs: pd.DataFram
         if not sweep.empty:
             sweep["layer"] = sweep["method"].str.slice(6).astype(int)
             s = sweep.groupby("layer")["value"].agg(["mean", "std"]).fillna(0.0)
+            dense = len(s) > 2 and (s.index.to_series().diff().dropna() == 1).all()
             ax.errorbar(s.index, s["mean"], yerr=s["std"], marker="o", color="black", capsize=2,
+                        linestyle="-" if dense else "none",  # a line between far-apart layers would invent values
                         label="single layer (sweep)")
         for method, (ls, label) in styles.items():
             v = sub[sub["method"] == method]["value"]
