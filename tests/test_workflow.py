@@ -63,6 +63,59 @@ def test_tiny_dag_runs_and_second_run_has_nothing_to_do(workdir):
     assert "Nothing to be done" in again.stdout + again.stderr
 
 
+def planned(proc) -> set[tuple[str, str]]:
+    """(rule, wildcards) of every job a dry run plans."""
+    jobs, rule = set(), None
+    for line in proc.stdout.splitlines():
+        m = re.match(r"^(?:local)?(?:rule|checkpoint) (\w+):", line.strip())
+        if m:
+            rule = m.group(1)
+            jobs.add((rule, ""))
+        m = re.match(r"^wildcards: (.*)$", line.strip())
+        if m and rule:
+            jobs.discard((rule, ""))
+            jobs.add((rule, m.group(1)))
+    return jobs
+
+
+@pytest.mark.slow
+def test_minimal_reruns(workdir, tmp_path):
+    """After the tiny DAG ran: each edit plans exactly the jobs that depend on it."""
+    cfg_path = workdir / "workflow/configs/tiny.yaml"
+    base = yaml.safe_load(cfg_path.read_text())
+    if "Nothing to be done" not in snakemake(workdir, "-n", "--configfile", str(cfg_path)).stdout:
+        pytest.skip("needs the finished tiny DAG of test_tiny_dag_runs_and_second_run_has_nothing_to_do")
+
+    def plan(edit=None, touch=None):
+        cfg = yaml.safe_load(yaml.safe_dump(base))
+        if edit:
+            edit(cfg)
+        path = tmp_path / "edited.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        if touch:  # a real edit: Snakemake compares content, a bare `touch` is not a change
+            with open(workdir / touch, "a") as fh:
+                fh.write("\n# edited by test_minimal_reruns\n")
+        return planned(snakemake(workdir, "-n", "--configfile", str(path)))
+
+    def runs(rule, methods, tasks=("sst2", "squad")):
+        return {(rule, f"model=tiny-llama, task={t}, method={m}, seed=0") for t in tasks for m in methods}
+
+    tail = {("tables", ""), ("all", "")}
+    # one method's hyperparameter: that method's training and evaluation jobs, then the tables
+    lora = plan(lambda c: c["train"]["hyper"]["lora"].update(lr=2e-3))
+    assert lora == runs("zo_train", ["lora-zo"]) | runs("evaluate", ["lora-zo"]) | tail
+    # a new task: its data, its runs, its zero-shot evaluation, the tables; nothing else
+    cb = plan(lambda c: c["tasks"].update(cb={"source": "local:tests/fixtures", "train": 4, "dev": 2, "test": 4}))
+    methods = ["mezo-full", "lora-zo", "dominant", "dominant-lora", "layer-0", "layer-2"]
+    assert cb == ({("prepare_data", "task=cb"), ("evaluate_zero_shot", "model=tiny-llama, task=cb")}
+                  | runs("zo_train", methods, ["cb"]) | runs("evaluate", methods, ["cb"]) | tail)
+    # the table code: only the tables
+    assert plan(touch="src/dlzo/tables.py") == tail
+    # the ZO code: every training job and what follows it, not the data, model or probe
+    zo = plan(touch="src/dlzo/zo.py")
+    assert zo == runs("zo_train", methods) | runs("evaluate", methods) | tail
+
+
 def test_paper_config_plans_the_whole_dag_offline(workdir):
     proc = snakemake(workdir, "-n", "--quiet", "rules")
     jobs = planned_jobs(proc)

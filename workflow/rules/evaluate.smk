@@ -7,7 +7,7 @@ rule evaluate:
         run=rules.zo_train.output.log,
         code=src("evaluate", "train", "models", "tasks"),
     params:
-        e=config["evaluate"],
+        batch_size=config["evaluate"]["batch_size"],
         runtime=runtime_args(),
     log:
         f"{RESULTS}/logs/evaluate/{{model}}/{{task}}/{{method}}/seed{{seed}}.log",
@@ -24,7 +24,7 @@ rule evaluate:
         "python -m dlzo.evaluate --model {input.model} --data $(dirname {input.test}) --task {wildcards.task} "
         "--run $(dirname {input.run}) --method {wildcards.method} --seed {wildcards.seed} "
         "--tasks-dir $(dirname {output})/lm_eval_tasks/{wildcards.method}-seed{wildcards.seed} "
-        "--batch-size {params.e[batch_size]} {params.runtime} --out {output} > {log} 2>&1"
+        "--batch-size {params.batch_size} {params.runtime} --out {output} > {log} 2>&1"
 
 
 rule evaluate_zero_shot:
@@ -35,7 +35,7 @@ rule evaluate_zero_shot:
         test=rules.prepare_data.output.test,
         code=src("evaluate", "models", "tasks"),
     params:
-        e=config["evaluate"],
+        batch_size=config["evaluate"]["batch_size"],
         runtime=runtime_args(),
     log:
         f"{RESULTS}/logs/evaluate/{{model}}/{{task}}/zero-shot.log",
@@ -51,4 +51,4 @@ rule evaluate_zero_shot:
     shell:
         "python -m dlzo.evaluate --model {input.model} --data $(dirname {input.test}) --task {wildcards.task} "
         "--method zero-shot --tasks-dir $(dirname {output})/lm_eval_tasks/zero-shot "
-        "--batch-size {params.e[batch_size]} {params.runtime} --out {output} > {log} 2>&1"
+        "--batch-size {params.batch_size} {params.runtime} --out {output} > {log} 2>&1"

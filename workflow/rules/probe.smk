@@ -8,7 +8,9 @@ checkpoint probe_outliers:
         model=rules.download_model.output,
         code=src("probe", "models"),
     params:
-        p=config["probe"],
+        # a string, not the config dict: a dict's key order would count as a change of parameters
+        probe=lambda w: " ".join(f"--{k.replace('_', '-')} {config['probe'][k]}"
+                                 for k in ("abs_threshold", "ratio_threshold", "n_seqs", "max_len")),
         runtime=runtime_args(),
     log:
         f"{RESULTS}/logs/probe_outliers/{{model}}.log",
@@ -23,5 +25,4 @@ checkpoint probe_outliers:
         runtime=runtime_min,
     shell:
         "python -m dlzo.probe --model {input.model} --out {output.json} --plot {output.png} "
-        "--abs-threshold {params.p[abs_threshold]} --ratio-threshold {params.p[ratio_threshold]} "
-        "--n-seqs {params.p[n_seqs]} --max-len {params.p[max_len]} {params.runtime} > {log} 2>&1"
+        "{params.probe} {params.runtime} > {log} 2>&1"
