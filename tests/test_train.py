@@ -162,3 +162,16 @@ def test_frozen_prefix_path_matches_plain_path(tmp_path, tiny_model, sst2_data, 
 def test_prefix_cache_refuses_multi_layer_methods(tmp_path, tiny_model, sst2_data):
     with pytest.raises(DLZOError, match="single-layer method"):
         run(tmp_path, tiny_model, sst2_data, "mezo-full", extra=["--prefix-cache", "dataset"])
+
+
+@pytest.mark.parametrize("method", ["mezo-full", "layer-1"])
+def test_replay_mode_rebuilds_the_same_model(tmp_path, tiny_model, sst2_data, method):
+    """Large runs keep only the trajectory; evaluation rebuilds the best checkpoint bit for bit."""
+    extra = ["--steps", "6", "--eval-every", "2"]
+    _, saved = run(tmp_path, tiny_model, sst2_data, method, extra=extra + ["--save-tuned", "tensors"], name="t")
+    _, replay = run(tmp_path, tiny_model, sst2_data, method, extra=extra + ["--save-tuned", "replay"], name="r")
+    assert load_file(str(replay / "tuned.safetensors")) == {}
+    a = load_tuned_model(tiny_model, saved, torch.device("cpu"), torch.float32)
+    b = load_tuned_model(tiny_model, replay, torch.device("cpu"), torch.float32)
+    pb = dict(b.named_parameters())
+    assert all(torch.equal(p, pb[n]) for n, p in a.named_parameters())

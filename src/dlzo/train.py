@@ -175,20 +175,8 @@ def train(args) -> dict:
     state = read_json(log_path) if resumed_from and log_path.exists() else {}
     dev_curve = state.get("dev_curve", [])
     best = state.get("best", {"step": 0, "dev_loss": math.inf})
-    best_tensors = None
-    if resumed_from and best["step"] and best["step"] <= resumed_from:
-        # the best checkpoint predates the interruption: rebuild it from the trajectory
-        ref, ref_named = build(args.model, kind, layer, device, dtype, args.lora_r, args.lora_alpha, args.seed)
-        ZOSGD(param_groups(ref_named, args.weight_decay), lr=args.lr, eps=args.eps, weight_decay=args.weight_decay,
-              seed=args.seed, restore=restore).replay(done[: best["step"]])
-        best_tensors = {n: p.detach().to("cpu", copy=True) for n, p in ref_named}
-        del ref
     if not dev_curve:
         dev_curve.append({"step": 0, "dev_loss": dev_loss()})
-    if best_tensors is None:
-        best_tensors = {n: p.detach().to("cpu", copy=True) for n, p in named}
-        if resumed_from:
-            best = {"step": resumed_from, "dev_loss": math.inf}
 
     stop = _Stop()
     step_times = []
@@ -218,7 +206,6 @@ def train(args) -> dict:
                 dev_curve.append({"step": done_steps, "dev_loss": dl})
                 if not dev_eval or dl < best["dev_loss"]:  # no dev split: keep the last state
                     best = {"step": done_steps, "dev_loss": dl}
-                    best_tensors = {n: p.detach().to("cpu", copy=True) for n, p in named}
                 write_json(log_path, {"dev_curve": dev_curve, "best": best})
             if stop.signal is not None:
                 fh.flush()
@@ -227,12 +214,22 @@ def train(args) -> dict:
                 sys.exit(128 + stop.signal)
     bar.close()
 
+    traj = [json.loads(x) for x in partial.read_text().splitlines()]
+    save_tuned = args.save_tuned
+    if save_tuned == "auto":  # a 7B model's every weight is 13 GB per run: replay its trajectory instead
+        save_tuned = "tensors" if n_params <= 5e8 else "replay"
+    tensors = {}
+    if save_tuned == "tensors":
+        if best["step"] != args.steps:  # the best checkpoint is an earlier state: rebuild it exactly
+            model, named = build(args.model, kind, layer, device, dtype, args.lora_r, args.lora_alpha, args.seed)
+            ZOSGD(param_groups(named, args.weight_decay), lr=args.lr, eps=args.eps, weight_decay=args.weight_decay,
+                  seed=args.seed, restore=restore).replay(traj[1:best["step"] + 1])
+        tensors = {n: p.detach().to("cpu").contiguous() for n, p in named}
     from safetensors.torch import save_file
 
     with atomic_path(out / "tuned.safetensors") as tmp:
-        save_file({n: t.contiguous() for n, t in best_tensors.items()}, str(tmp),
-                  metadata={"method": args.method, "best_step": str(best["step"])})
-    traj = [json.loads(x) for x in partial.read_text().splitlines()]
+        save_file(tensors, str(tmp), metadata={"method": args.method, "best_step": str(best["step"]),
+                                               "replay": str(save_tuned == "replay").lower()})
     with atomic_path(out / "trajectory.jsonl") as tmp:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in traj))
     steps_run = len(step_times)
@@ -272,6 +269,17 @@ def load_tuned_model(model_dir, run_dir, device, dtype):
     log = read_json(run_dir / "log.json", "training log")
     model, named = build(model_dir, log["kind"], log["layer"], device, dtype,
                          (log.get("lora") or {}).get("r", 8), (log.get("lora") or {}).get("alpha", 16), log["seed"])
+    from safetensors import safe_open
+
+    with safe_open(str(run_dir / "tuned.safetensors"), "pt") as fh:
+        meta = fh.metadata() or {}
+    if meta.get("replay") == "true":  # rebuild the best checkpoint from the trajectory, bit for bit
+        hyper = log["hyper"]
+        traj = read_jsonl(run_dir / "trajectory.jsonl")[1:]
+        ZOSGD(param_groups(named, hyper["weight_decay"]), lr=hyper["lr"], eps=hyper["eps"],
+              weight_decay=hyper["weight_decay"], seed=log["seed"], restore=hyper["restore"]
+              ).replay(traj[: log["best_step"]])
+        return _finish(model)
     tensors = load_file(str(run_dir / "tuned.safetensors"))
     params = dict(named)
     missing = set(params) - set(tensors)
@@ -280,7 +288,11 @@ def load_tuned_model(model_dir, run_dir, device, dtype):
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(tensors[name].to(p.device, p.dtype))
-    if hasattr(model, "merge_and_unload"):
+    return _finish(model)
+
+
+def _finish(model):
+    if hasattr(model, "merge_and_unload"):  # LoRA folded into the weights: a plain model for lm-eval
         model = model.merge_and_unload()
     model.eval()
     return model
@@ -313,6 +325,9 @@ def parse_args(argv=None):
     ap.add_argument("--prefix-cache", default="auto", choices=["auto", "dataset", "batch", "off"],
                     help="single-layer methods: compute the frozen layers before the tuned one once per "
                          "training sequence (dataset), once per batch (batch), or every pass (off)")
+    ap.add_argument("--save-tuned", default="auto", choices=["auto", "tensors", "replay"],
+                    help="tuned.safetensors holds the tuned tensors, or only says to replay the trajectory "
+                         "(auto: replay above 5e8 tuned parameters)")
     add_runtime_args(ap)
     args = ap.parse_args(argv)
     if args.lr <= 0 or args.eps <= 0 or args.steps <= 0:
