@@ -11,3 +11,15 @@ __version__ = "0.1.0"
 
 class DLZOError(RuntimeError):
     """An error caused by the user's input (config, model, data), with a message that says what to fix."""
+
+
+def run_cli(main, stage: str) -> None:
+    """Run a stage's ``main()``: a DLZOError becomes one line on stderr (no traceback) and exit status 1."""
+    import sys
+
+    try:
+        code = main()
+    except DLZOError as err:
+        print(f"{stage}: error: {err}", file=sys.stderr)
+        code = 1
+    sys.exit(code)

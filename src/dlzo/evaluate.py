@@ -255,8 +255,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except DLZOError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    from dlzo import run_cli
+
+    run_cli(main, "evaluate")

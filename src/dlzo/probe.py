@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -340,8 +339,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except DLZOError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    from dlzo import run_cli
+
+    run_cli(main, "probe_outliers")
