@@ -21,7 +21,7 @@ def snapshot(model):
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("restore", ["mezo", "exact"])
+@pytest.mark.parametrize("restore", ["mezo", "exact", "fused"])
 def test_lr_zero_leaves_parameters(restore):
     model, loss = quad_model()
     before = snapshot(model)
@@ -45,7 +45,7 @@ def test_only_tuned_parameters_move():
     assert not torch.equal(model[2].weight, before["2.weight"])
 
 
-@pytest.mark.parametrize("restore", ["mezo", "exact"])
+@pytest.mark.parametrize("restore", ["mezo", "exact", "fused"])
 def test_same_seed_bit_identical(restore):
     runs = []
     for _ in range(2):
@@ -61,14 +61,15 @@ def test_same_seed_bit_identical(restore):
 def test_restore_modes_agree():
     """Both restore modes draw the same z: same projected gradients and updates up to rounding."""
     out = {}
-    for restore in ("mezo", "exact"):
+    for restore in ("mezo", "exact", "fused"):
         model, loss = quad_model(torch.float64)
         opt = ZOSGD(model.parameters(), lr=1e-2, eps=1e-4, seed=3, restore=restore)
         out[restore] = ([opt.step(loss) for _ in range(4)], snapshot(model))
-    for a, b in zip(out["mezo"][0], out["exact"][0]):
-        assert a == pytest.approx(b, rel=1e-6, abs=1e-9)
-    for n in out["mezo"][1]:
-        torch.testing.assert_close(out["mezo"][1][n], out["exact"][1][n], rtol=1e-9, atol=1e-12)
+    for other in ("exact", "fused"):
+        for a, b in zip(out["mezo"][0], out[other][0]):
+            assert a == pytest.approx(b, rel=1e-6, abs=1e-9)
+        for n in out["mezo"][1]:
+            torch.testing.assert_close(out["mezo"][1][n], out[other][1][n], rtol=1e-9, atol=1e-12)
 
 
 def test_projected_gradient_is_directional_derivative():
@@ -94,7 +95,7 @@ def test_weight_decay_skips_bias_and_norm():
     assert decayed == {id(model[0].weight), id(model[2].weight)}
 
 
-@pytest.mark.parametrize("restore", ["mezo", "exact"])
+@pytest.mark.parametrize("restore", ["mezo", "exact", "fused"])
 def test_replay_rebuilds_weights_bit_identically(restore):
     model, loss = quad_model()
     opt = ZOSGD(param_groups(model.named_parameters(), 0.01), lr=1e-2, eps=1e-3, weight_decay=0.01,

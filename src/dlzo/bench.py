@@ -6,7 +6,8 @@ In one run, on batches shaped like SST-2 (16 x 32 tokens) and COPA (16 x 16 toke
 (index 1, LLaMA2-7B's dominant layer and the worst case, plus the probe's layer when given):
   mezo_faithful_full_s  MeZO's step on every parameter: z regenerated four times, in-place
                         perturbations, full logits at every position
-  full_s                our full-model step (LM head only at the scored positions)
+  full_s                our full-model step: in place, restore and update fused (three draws of z,
+                        not four), LM head only at the scored positions
   layer_s               our single-layer step (z drawn once, exact restore, frozen prefix cached)
   floor_s               two forward passes from the tuned layer on, with only the logits the loss needs
   speedup_vs_mezo = mezo_faithful_full_s / layer_s;  overhead_vs_floor = layer_s / floor_s
@@ -84,7 +85,8 @@ def _measure(mode: str, model_dir: str, layer: int, shape: tuple[int, int], step
             opt = ZOSGD(params, lr=1e-6, eps=1e-3, seed=0, restore="exact")
             closure = lambda: loss(model, batch, prefix)  # noqa: E731
         else:
-            opt = ZOSGD(model.parameters(), lr=1e-6, eps=1e-3, seed=0, restore="mezo")
+            opt = ZOSGD(model.parameters(), lr=1e-6, eps=1e-3, seed=0,
+                        restore="mezo" if mode == "mezo_faithful_full" else "fused")
             closure = full_logits_loss if mode == "mezo_faithful_full" else (lambda: loss(model, batch))
 
         def run():

@@ -320,8 +320,9 @@ def parse_args(argv=None):
     ap.add_argument("--max-len", type=int, default=512)
     ap.add_argument("--lora-r", type=int, default=8)
     ap.add_argument("--lora-alpha", type=int, default=16)
-    ap.add_argument("--restore", default="auto", choices=["auto", "mezo", "exact"],
-                    help="auto: mezo (in-place, as MeZO) for mezo-full, exact (copy back) otherwise")
+    ap.add_argument("--restore", default="auto", choices=["auto", "mezo", "exact", "fused"],
+                    help="auto: mezo (in place, four draws of z, as MeZO) for mezo-full, exact (copy back) "
+                         "otherwise; fused: in place with three draws (restore and update share one)")
     ap.add_argument("--prefix-cache", default="auto", choices=["auto", "dataset", "batch", "off"],
                     help="single-layer methods: compute the frozen layers before the tuned one once per "
                          "training sequence (dataset), once per batch (batch), or every pass (off)")
