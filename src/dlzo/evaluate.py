@@ -70,14 +70,10 @@ def process_results(doc, results):
 # --- task YAML ----------------------------------------------------------------------------------------
 
 def task_kind(task: str, records: list[dict]) -> tuple[str, str]:
-    """(kind, headline metric) from dlzo.tasks; from the records while tasks.py does not exist."""
-    try:
-        from dlzo.tasks import get_task
-    except ImportError:
-        get_task = None
+    """(kind, headline metric) from the task table, checked against what the records look like."""
+    from dlzo.tasks import get_task
+
     kind = "generate" if records and records[0].get("candidates") is None else "multiple_choice"
-    if get_task is None:
-        return kind, ("f1" if kind == "generate" else "acc")
     spec = get_task(task)
     if records and spec.kind != kind:
         raise DLZOError(f"task {task!r} is {spec.kind} but its test records look like {kind} "

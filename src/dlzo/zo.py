@@ -25,6 +25,7 @@ rebuilds the tuned weights bit-identically on the same device type.
 from __future__ import annotations
 
 import math
+from time import perf_counter as _now
 from typing import Callable, Iterable
 
 import numpy as np
@@ -199,9 +200,3 @@ class ZOSGD(torch.optim.Optimizer):
                 self._update(seed, g)
             self.trajectory.append(dict(rec))
             self.steps_done += 1
-
-
-def _now() -> float:
-    import time
-
-    return time.perf_counter()
