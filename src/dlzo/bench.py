@@ -4,8 +4,9 @@
 
 In one run, on batches shaped like SST-2 (16 x 32 tokens) and COPA (16 x 16 tokens), for each layer
 (index 1, LLaMA2-7B's dominant layer and the worst case, plus the probe's layer when given):
-  mezo_faithful_full_s  MeZO's step on every parameter: z regenerated four times, in-place
-                        perturbations, full logits at every position
+  mezo_faithful_full_s  MeZO's step on every parameter as its trainer codes it (ZOSGD restore="mezo"):
+                        z regenerated four times, out-of-place perturbations and update, the loss
+                        from the model's labels path (full logits at every position)
   full_s                our full-model step: in place, restore and update fused (three draws of z,
                         not four), LM head only at the scored positions
   layer_s               our single-layer step (z drawn once, exact restore, frozen prefix cached)
@@ -64,10 +65,14 @@ def _measure(mode: str, model_dir: str, layer: int, shape: tuple[int, int], step
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    def full_logits_loss():  # what MeZO computes: logits over the whole vocabulary at every position
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
-        flat = logits.reshape(-1, logits.shape[-1]).float()
-        return -torch.log_softmax(flat, -1)[batch.score_pos, batch.score_tok].mean()
+    # what MeZO's zo_forward computes: the model's own loss from labels (-100 except the answer tokens),
+    # i.e. logits over the whole vocabulary at every position, shifted and upcast by transformers
+    labels = torch.full_like(batch.input_ids, -100)
+    labels.view(-1)[batch.score_pos + 1] = batch.score_tok
+
+    def full_logits_loss():
+        return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=labels,
+                     use_cache=False).loss
 
     prefix = None
     if mode in ("layer", "floor"):

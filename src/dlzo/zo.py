@@ -10,8 +10,10 @@ layer (dominant-layer ZO), or peft LoRA adapters. One step (../shared/SPEC.md):
     theta -= lr * (g*z + wd*theta)          (wd skipped for biases and norm weights)
 
 Two ways to restore theta between the perturbations:
-  ``restore="mezo"``  in place, z regenerated from the seed at each of the four uses, exactly as MeZO
-                       does: no memory beyond inference, but theta comes back only up to float rounding.
+  ``restore="mezo"``  MeZO's trainer, op for op: z regenerated from the seed at each of the four uses,
+                       ``p.data = p.data + scaling_factor * z * eps`` out of place, the update
+                       ``p.data = p.data - lr * (g * z + wd * p.data)`` (wd term skipped for no-decay
+                       tensors); theta comes back only up to float rounding. The baseline to compare with.
   ``restore="exact"`` z drawn once per step and kept, theta copied before the perturbation and copied
                        back: two extra copies of the tuned tensors (cheap for one layer or LoRA),
                        and theta comes back bit for bit.
@@ -49,9 +51,9 @@ def param_groups(named_params: Iterable[tuple[str, torch.nn.Parameter]], weight_
     for name, p in named_params:
         skip = p.ndim < 2 or any(m in name.lower() for m in NO_DECAY_MARKERS)
         (no_decay if skip else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}]
+    groups = [{"params": decay, "weight_decay": weight_decay, "decay": True}]
     if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
+        groups.append({"params": no_decay, "weight_decay": 0.0, "decay": False})
     return [g for g in groups if g["params"]]
 
 
@@ -98,9 +100,13 @@ class ZOSGD(torch.optim.Optimizer):
             yield group, p, torch.randn(p.shape, generator=gen, device=p.device, dtype=p.dtype)
 
     @torch.no_grad()
-    def _perturb(self, seed: int, scale: float) -> None:
+    def _perturb(self, seed: int, factor: float, eps: float) -> None:
+        """theta += factor * eps * z (MeZO's scaling_factor in {1, -2, 1})."""
         for _, p, z in self._draw(seed):
-            p.add_(z, alpha=scale)
+            if self.restore == "mezo":  # MeZO's expression and evaluation order, out of place
+                p.data = p.data + factor * z * eps
+            else:
+                p.add_(z, alpha=factor * eps)
 
     @staticmethod
     def _apply_update(p: torch.Tensor, z: torch.Tensor, g: float, lr: float, wd: float) -> None:
@@ -110,11 +116,22 @@ class ZOSGD(torch.optim.Optimizer):
         else:
             p.sub_(z * (g * lr))
 
+    @staticmethod
+    def _mezo_update(p: torch.Tensor, z: torch.Tensor, g: float, lr: float, wd: float, decayed: bool) -> None:
+        # MeZO's zo_update, written as it writes it (the wd term is computed even when wd == 0)
+        if decayed:
+            p.data = p.data - lr * (g * z + wd * p.data)
+        else:
+            p.data = p.data - lr * (g * z)
+
     @torch.no_grad()
     def _update(self, seed: int, g: float, zs: list | None = None) -> None:
         items = zip(self._params(), zs) if zs is not None else (((gr, p), z) for gr, p, z in self._draw(seed))
         for (group, p), z in items:
-            self._apply_update(p, z, g, group["lr"], group["weight_decay"])
+            if self.restore == "mezo":
+                self._mezo_update(p, z, g, group["lr"], group["weight_decay"], group.get("decay", True))
+            else:
+                self._apply_update(p, z, g, group["lr"], group["weight_decay"])
 
     @torch.no_grad()
     def _fused_update(self, seed: int, eps: float, g: float) -> None:
@@ -160,16 +177,16 @@ class ZOSGD(torch.optim.Optimizer):
             self._timed("perturb_s", lambda: [p.copy_(orig) for (p, _), orig in zip(pairs, saved)])
             zs = [z for _, z in pairs]
         else:
-            self._timed("perturb_s", self._perturb, seed, eps)
+            self._timed("perturb_s", self._perturb, seed, 1, eps)
             l_plus = self._timed("forward_s", loss)
-            self._timed("perturb_s", self._perturb, seed, -2 * eps)
+            self._timed("perturb_s", self._perturb, seed, -2, eps)
             l_minus = self._timed("forward_s", loss)
             if self.restore == "mezo":
-                self._timed("perturb_s", self._perturb, seed, eps)
+                self._timed("perturb_s", self._perturb, seed, 1, eps)
             zs = None
         if not (math.isfinite(l_plus) and math.isfinite(l_minus)):
             if self.restore == "fused":  # leave theta as it was before the step
-                self._perturb(seed, eps)
+                self._perturb(seed, 1, eps)
             raise NonFiniteLoss(step, l_plus, l_minus)
         g = (l_plus - l_minus) / (2 * eps)
         if self.restore == "fused":
@@ -188,10 +205,10 @@ class ZOSGD(torch.optim.Optimizer):
             seed, g, lr = int(rec["seed"]), float(rec["g"]), float(rec["lr"])
             eps = float(rec.get("eps", self.param_groups[0]["eps"]))
             if self.restore in ("mezo", "fused"):  # the in-place round trip leaves rounding residue: redo it
-                self._perturb(seed, eps)
-                self._perturb(seed, -2 * eps)
+                self._perturb(seed, 1, eps)
+                self._perturb(seed, -2, eps)
                 if self.restore == "mezo":
-                    self._perturb(seed, eps)
+                    self._perturb(seed, 1, eps)
             for group in self.param_groups:
                 group["lr"] = lr
             if self.restore == "fused":
