@@ -159,6 +159,30 @@ def test_frozen_prefix_path_matches_plain_path(tmp_path, tiny_model, sst2_data, 
             torch.testing.assert_close(runs[mode][1][k], v, rtol=1e-3, atol=2e-5)
 
 
+@pytest.mark.parametrize("method", ["layer-1", "layer-2-lora", "layer-3"])
+def test_paired_suffix_matches_two_passes(tmp_path, tiny_model, sst2_data, method):
+    """The two perturbed branches through the frozen suffix as one double batch: same numbers."""
+    runs = {}
+    for paired in ("off", "on"):
+        res, out = run(tmp_path, tiny_model, sst2_data, method, name=f"{method}-{paired}",
+                       extra=["--prefix-cache", "dataset", "--paired-suffix", paired, "--steps", "5"])
+        assert res["hyper"]["paired_suffix"] == paired
+        traj = [json.loads(x) for x in (out / "trajectory.jsonl").read_text().splitlines()][1:]
+        runs[paired] = (traj, load_file(str(out / "tuned.safetensors")))
+    for a, b in zip(runs["on"][0], runs["off"][0]):
+        assert a["seed"] == b["seed"]
+        assert a["loss_plus"] == pytest.approx(b["loss_plus"], rel=1e-5)
+        assert a["loss_minus"] == pytest.approx(b["loss_minus"], rel=1e-5)
+        assert a["g"] == pytest.approx(b["g"], rel=1e-2, abs=1e-3)
+    for k, v in runs["off"][1].items():
+        torch.testing.assert_close(runs["on"][1][k], v, rtol=1e-3, atol=2e-5)
+
+
+def test_paired_suffix_needs_a_prefix(tmp_path, tiny_model, sst2_data):
+    with pytest.raises(DLZOError, match="paired-suffix on needs"):
+        run(tmp_path, tiny_model, sst2_data, "mezo-full", extra=["--paired-suffix", "on"])
+
+
 def test_prefix_cache_refuses_multi_layer_methods(tmp_path, tiny_model, sst2_data):
     with pytest.raises(DLZOError, match="single-layer method"):
         run(tmp_path, tiny_model, sst2_data, "mezo-full", extra=["--prefix-cache", "dataset"])

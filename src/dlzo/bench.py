@@ -10,10 +10,13 @@ In one run, on batches shaped like SST-2 (16 x 32 tokens) and COPA (16 x 16 toke
   full_s                our full-model step: in place, restore and update fused (three draws of z,
                         not four), LM head only at the scored positions
   layer_s               our single-layer step (z drawn once, exact restore, frozen prefix cached)
+  layer_paired_s        the single-layer step with the two perturbed branches run through the layers
+                        after the tuned one as one double batch (train --paired-suffix; on by default on CUDA)
   floor_s               two forward passes from the tuned layer on, with only the logits the loss needs
   speedup_vs_mezo = mezo_faithful_full_s / layer_s;  overhead_vs_floor = layer_s / floor_s
-Each mode runs in a fresh process, so its peak memory (GPU: max allocated; CPU: peak RSS) is its own;
-``inference_peak_mb`` is plain inference on the same batch. Step times are medians over --steps.
+Each mode runs in its own process, so its peak memory (GPU: max allocated; CPU: peak RSS) is its own;
+``inference_peak_mb`` is plain inference on the same batch. Step times are medians over --steps, taken
+round-robin (one step of each mode in turn) so that machine noise hits every mode alike.
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ import torch
 from dlzo.io import read_json, write_json
 
 SHAPES = {"sst2": (16, 32), "copa": (16, 16)}
-MODES = ("inference", "mezo_faithful_full", "full", "layer", "floor")
+MODES = ("inference", "mezo_faithful_full", "full", "layer", "layer_paired", "floor")
 
 
 def _batch(tokenizer_vocab: int, n: int, t: int, device, seed: int = 0):
@@ -49,11 +52,11 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def _measure(mode: str, model_dir: str, layer: int, shape: tuple[int, int], steps: int, device_name: str,
-             dtype_name: str, threads: int | None, queue) -> None:
-    """One mode in its own process: median seconds per step and peak memory."""
+def _worker(mode: str, model_dir: str, layer: int, shape: tuple[int, int], device_name: str, dtype_name: str,
+            threads: int | None, conn) -> None:
+    """One mode in its own process (so its peak memory is its own); times one step per "step" message."""
     from dlzo.models import load_model
-    from dlzo.objectives import FrozenPrefix, loss
+    from dlzo.objectives import FrozenPrefix, loss, paired_loss
     from dlzo.runtime import peak_memory_mb, pick_device, pick_dtype, set_threads
     from dlzo.zo import ZOSGD
 
@@ -75,7 +78,7 @@ def _measure(mode: str, model_dir: str, layer: int, shape: tuple[int, int], step
                      use_cache=False).loss
 
     prefix = None
-    if mode in ("layer", "floor"):
+    if mode in ("layer", "layer_paired", "floor"):
         prefix = FrozenPrefix(model, layer, "dataset")
         prefix.fill([batch])
     if mode == "inference":
@@ -85,7 +88,7 @@ def _measure(mode: str, model_dir: str, layer: int, shape: tuple[int, int], step
             batch.memo.clear()
             return loss(model, batch, prefix), loss(model, batch, prefix)
     else:
-        if mode == "layer":
+        if mode in ("layer", "layer_paired"):
             params = list(prefix.layers[layer].parameters())
             opt = ZOSGD(params, lr=1e-6, eps=1e-3, seed=0, restore="exact")
             closure = lambda: loss(model, batch, prefix)  # noqa: E731
@@ -96,47 +99,84 @@ def _measure(mode: str, model_dir: str, layer: int, shape: tuple[int, int], step
 
         def run():
             batch.memo.clear()
+            if mode == "layer_paired":
+                return opt.step(pair_closure=lambda up, down: paired_loss(batch, prefix, up, down))
             return opt.step(closure)
-    times = []
+    conn.send("ready")
     with torch.no_grad():
-        for i in range(steps + 1):  # the first is warm-up
+        while conn.recv() == "step":
             _sync(device)
             t0 = time.perf_counter()
             run()
             _sync(device)
-            if i:
-                times.append(time.perf_counter() - t0)
-    queue.put({"s": statistics.median(times), "peak_mb": peak_memory_mb(device)})
+            conn.send(time.perf_counter() - t0)
+    conn.send(peak_memory_mb(device))
 
 
-def run_mode(mode, model_dir, layer, shape, steps, device, dtype, threads) -> dict:
+def measure_modes(specs: dict, model_dir: str, shape, steps: int, device: str, dtype: str,
+                  threads: int | None) -> dict:
+    """Median seconds per step and peak memory of each mode in ``specs`` ({name: (mode, layer)}).
+
+    Every mode lives in its own process; the steps run round-robin (one step of each mode in turn,
+    one process computing at a time), so a noisy machine slows all modes alike and their ratios hold.
+    The first round is warm-up.
+    """
     ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_measure, args=(mode, model_dir, layer, shape, steps, device, dtype, threads, queue))
-    proc.start()
-    result = queue.get(timeout=3600)
-    proc.join()
-    return result
+    procs = {}
+    for name, (mode, layer) in specs.items():
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_worker, args=(mode, model_dir, layer, shape, device, dtype, threads, child))
+        proc.start()
+        procs[name] = (proc, parent)
+    try:
+        for name, (proc, conn) in procs.items():
+            if not conn.poll(3600) or conn.recv() != "ready":
+                raise RuntimeError(f"bench worker {name} did not start")
+        times = {name: [] for name in specs}
+        for i in range(steps + 1):
+            for name, (_, conn) in procs.items():
+                conn.send("step")
+                t = conn.recv()
+                if i:
+                    times[name].append(t)
+        out = {}
+        for name, (proc, conn) in procs.items():
+            conn.send("stop")
+            out[name] = {"s": statistics.median(times[name]), "peak_mb": conn.recv()}
+        return out
+    finally:
+        for proc, _ in procs.values():
+            proc.join(timeout=60)
+            if proc.is_alive():
+                proc.kill()
 
 
 def bench(model_dir: str, layers: list[int], steps: int, device: str, dtype: str, threads: int | None) -> dict:
-    out = {"model": model_dir, "steps": steps, "device": device, "dtype": dtype, "threads": threads, "results": {}}
+    out = {"model": model_dir, "steps": steps, "device": device, "dtype": dtype, "threads": threads,
+           "schedule": "round-robin: one step of each mode in turn, each mode in its own process",
+           "results": {}}
     for shape_name, shape in SHAPES.items():
-        base = {m: run_mode(m, model_dir, layers[0], shape, steps, device, dtype, threads)
-                for m in ("inference", "mezo_faithful_full", "full")}
+        specs = {m: (m, layers[0]) for m in ("inference", "mezo_faithful_full", "full")}
         for layer in layers:
-            lay = {m: run_mode(m, model_dir, layer, shape, steps, device, dtype, threads) for m in ("layer", "floor")}
+            specs.update({f"layer@{layer}": ("layer", layer), f"layer_paired@{layer}": ("layer_paired", layer),
+                          f"floor@{layer}": ("floor", layer)})
+        m = measure_modes(specs, model_dir, shape, steps, device, dtype, threads)
+        for layer in layers:
+            lay, flo = m[f"layer@{layer}"], m[f"floor@{layer}"]
             r = {
                 "shape": list(shape), "layer": layer,
-                "mezo_faithful_full_s": base["mezo_faithful_full"]["s"], "full_s": base["full"]["s"],
-                "layer_s": lay["layer"]["s"], "floor_s": lay["floor"]["s"],
-                "inference_s": base["inference"]["s"],
+                "mezo_faithful_full_s": m["mezo_faithful_full"]["s"], "full_s": m["full"]["s"],
+                "layer_s": lay["s"], "floor_s": flo["s"], "inference_s": m["inference"]["s"],
             }
             r["speedup_vs_mezo"] = r["mezo_faithful_full_s"] / r["layer_s"]
             r["overhead_vs_floor"] = r["layer_s"] / r["floor_s"]
-            r["peak_mb"] = {"mezo_faithful_full": base["mezo_faithful_full"]["peak_mb"], "full": base["full"]["peak_mb"],
-                            "layer": lay["layer"]["peak_mb"], "floor": lay["floor"]["peak_mb"]}
-            r["inference_peak_mb"] = base["inference"]["peak_mb"]
+            r["full_vs_mezo"] = r["mezo_faithful_full_s"] / r["full_s"]
+            r["layer_paired_s"] = m[f"layer_paired@{layer}"]["s"]  # both branches through the suffix as one batch
+            r["paired_vs_layer"] = r["layer_s"] / r["layer_paired_s"]
+            r["peak_mb"] = {"mezo_faithful_full": m["mezo_faithful_full"]["peak_mb"], "full": m["full"]["peak_mb"],
+                            "layer": lay["peak_mb"], "floor": flo["peak_mb"]}
+            r["inference_peak_mb"] = m["inference"]["peak_mb"]
+            r["layer_peak_vs_inference"] = r["peak_mb"]["layer"] / r["inference_peak_mb"]
             out["results"][f"{shape_name}/layer-{layer}"] = r
             print(json.dumps({f"{shape_name}/layer-{layer}": r}), file=sys.stderr)
     return out

@@ -117,7 +117,10 @@ def token_logprobs(model, batch: Batch, prefix: "FrozenPrefix | None" = None) ->
 
 def sequence_scores(model, batch: Batch, prefix: "FrozenPrefix | None" = None) -> torch.Tensor:
     """Mean log-prob of each sequence's continuation tokens."""
-    lp = token_logprobs(model, batch, prefix)
+    return _scores(token_logprobs(model, batch, prefix), batch)
+
+
+def _scores(lp: torch.Tensor, batch: Batch) -> torch.Tensor:
     n_seq = batch.input_ids.shape[0]
     total = torch.zeros(n_seq, device=lp.device).index_add_(0, batch.score_seq, lp)
     count = torch.zeros(n_seq, device=lp.device).index_add_(0, batch.score_seq, torch.ones_like(lp))
@@ -126,9 +129,24 @@ def sequence_scores(model, batch: Batch, prefix: "FrozenPrefix | None" = None) -
 
 def loss(model, batch: Batch, prefix: "FrozenPrefix | None" = None) -> torch.Tensor:
     """The batch's training loss; with ``prefix``, only the layers from the tuned one on are run."""
+    return loss_from_logprobs(token_logprobs(model, batch, prefix), batch)
+
+
+def paired_loss(batch: Batch, prefix: "FrozenPrefix", set_plus, set_minus) -> tuple[torch.Tensor, torch.Tensor]:
+    """L(theta + eps z) and L(theta - eps z) of a single-layer step, the frozen suffix run once on both.
+
+    ``set_plus()`` / ``set_minus()`` put the tuned layer's weights at theta +- eps z (called in that
+    order, once each); the two outputs of the tuned layer then go through the layers after it as one
+    batch of twice the size. Same losses as two ``loss`` calls up to float rounding (GEMM shapes differ).
+    """
+    lp_plus, lp_minus = prefix.paired_token_logprobs(batch, set_plus, set_minus)
+    return loss_from_logprobs(lp_plus, batch), loss_from_logprobs(lp_minus, batch)
+
+
+def loss_from_logprobs(lp: torch.Tensor, batch: Batch) -> torch.Tensor:
     if batch.objective == "lm":
-        return -token_logprobs(model, batch, prefix).mean()
-    scores = sequence_scores(model, batch, prefix)
+        return -lp.mean()
+    scores = _scores(lp, batch)
     if len(set(batch.n_cands)) == 1:
         logits = scores.view(len(batch.n_cands), batch.n_cands[0])
         return F.cross_entropy(logits, batch.labels)
@@ -240,3 +258,27 @@ class FrozenPrefix:
         h, kw = self._inputs(batch)
         h = self.norm(self._run(h, kw, self.layers[self.layer:]))
         return _pick_logprobs(self.head, h, batch)
+
+    def paired_token_logprobs(self, batch: Batch, set_plus, set_minus) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tuned layer at theta+ and at theta-, then the frozen suffix once on both outputs."""
+        h, kw = self._inputs(batch)
+        tuned = self.layers[self.layer: self.layer + 1]
+        set_plus()
+        h_plus = self._run(h, kw, tuned)
+        set_minus()
+        h_minus = self._run(h, kw, tuned)
+        n = h.shape[0]
+        both = self.norm(self._run(torch.cat([h_plus, h_minus]), _doubled(kw, n), self.layers[self.layer + 1:]))
+        return _pick_logprobs(self.head, both[:n], batch), _pick_logprobs(self.head, both[n:], batch)
+
+
+def _doubled(value, n: int):
+    """Layer keyword arguments for a batch stacked twice: per-sequence tensors (leading dim n) repeated,
+    broadcast ones (leading dim 1, e.g. position ids) kept as they are."""
+    if isinstance(value, dict):
+        return {k: _doubled(v, n) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_doubled(v, n) for v in value)
+    if torch.is_tensor(value) and value.ndim and value.shape[0] == n and n > 1:
+        return torch.cat([value, value])
+    return value

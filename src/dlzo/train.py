@@ -31,7 +31,7 @@ from tqdm import tqdm
 from dlzo import DLZOError
 from dlzo.io import atomic_path, read_json, read_jsonl, write_json
 from dlzo.models import add_lora, check_layer, load_model, load_tokenizer, parse_method, tuned_parameters
-from dlzo.objectives import FrozenPrefix, make_batch
+from dlzo.objectives import FrozenPrefix, make_batch, paired_loss
 from dlzo.objectives import loss as objective_loss
 from dlzo.runtime import add_runtime_args, peak_memory_mb, provenance, setup_runtime
 from dlzo.zo import NonFiniteLoss, ZOSGD, param_groups
@@ -95,7 +95,7 @@ class _Stop:
 
 def _header(args, kind, layer, how, n_params) -> dict:
     keys = ("model", "data", "task", "method", "seed", "steps", "lr", "eps", "weight_decay", "batch_size",
-            "lora_r", "lora_alpha", "max_len", "restore", "prefix_cache", "dtype")
+            "lora_r", "lora_alpha", "max_len", "restore", "prefix_cache", "paired_suffix", "dtype")
     cfg = {k: getattr(args, k) for k in keys}
     cfg.update(kind=kind, layer=layer, layer_from=how, tuned_params=n_params)
     digest = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -144,6 +144,11 @@ def train(args) -> dict:
     if args.prefix_cache == "auto":
         single = kind in ("layer", "layer-lora") and not FrozenPrefix.supported(model, layer)
         args.prefix_cache = "dataset" if single else "off"
+    if args.paired_suffix == "auto":
+        args.paired_suffix = "on" if args.prefix_cache != "off" and device.type == "cuda" else "off"
+    if args.paired_suffix == "on" and args.prefix_cache == "off":
+        raise DLZOError(f"--paired-suffix on needs a single-layer method with a prefix cache "
+                        f"(--prefix-cache dataset or batch), not {args.method} with --prefix-cache off")
     opt = ZOSGD(param_groups(named, args.weight_decay), lr=args.lr, eps=args.eps,
                 weight_decay=args.weight_decay, seed=args.seed, restore=restore)
 
@@ -168,6 +173,7 @@ def train(args) -> dict:
         if mode == "dataset":  # fixed chunks in file order: the same bits however the run is resumed
             prefix.fill(make_batch(tokenizer, train_rows[i:i + args.eval_batch_size], task.objective, device,
                                    args.max_len) for i in range(0, len(train_rows), args.eval_batch_size))
+
     dev_eval = dev_rows[: args.dev_eval_size] if args.dev_eval_size else dev_rows
     dev_loss = lambda: _mean_loss(model, tokenizer, dev_eval, task.objective, device, args.eval_batch_size,  # noqa: E731
                                   args.max_len) if dev_eval else float("nan")
@@ -190,7 +196,10 @@ def train(args) -> dict:
             batch = make_batch(tokenizer, [train_rows[i] for i in idx], task.objective, device, args.max_len)
             t0 = time.perf_counter()
             try:
-                opt.step(lambda: objective_loss(model, batch, prefix))
+                if args.paired_suffix == "on":
+                    opt.step(pair_closure=lambda up, down: paired_loss(batch, prefix, up, down))
+                else:
+                    opt.step(lambda: objective_loss(model, batch, prefix))
             except NonFiniteLoss as err:
                 fh.flush()
                 raise DLZOError(f"{err}; the trajectory up to step {err.step - 1} is kept in {partial}. "
@@ -239,7 +248,8 @@ def train(args) -> dict:
         "kind": kind, "layer": layer, "layer_from": how, "tuned_params": n_params,
         "lora": {"r": args.lora_r, "alpha": args.lora_alpha, "targets": LORA_TARGETS} if "lora" in kind else None,
         "hyper": {"steps": args.steps, "lr": args.lr, "eps": args.eps, "weight_decay": args.weight_decay,
-                  "batch_size": bs, "max_len": args.max_len, "restore": restore, "prefix_cache": args.prefix_cache},
+                  "batch_size": bs, "max_len": args.max_len, "restore": restore, "prefix_cache": args.prefix_cache,
+                  "paired_suffix": args.paired_suffix},
         "best_step": best["step"], "best_dev_loss": best["dev_loss"],
         "dev_curve": dev_curve, "train_curve": train_curve,
         "resumed_from_step": resumed_from,
@@ -326,6 +336,10 @@ def parse_args(argv=None):
     ap.add_argument("--prefix-cache", default="auto", choices=["auto", "dataset", "batch", "off"],
                     help="single-layer methods: compute the frozen layers before the tuned one once per "
                          "training sequence (dataset), once per batch (batch), or every pass (off)")
+    ap.add_argument("--paired-suffix", default="auto", choices=["auto", "on", "off"],
+                    help="single-layer methods with a prefix cache: run the two perturbed outputs of the "
+                         "tuned layer through the layers after it as one double batch (auto: on CUDA, "
+                         "where the bigger batch is faster; off on CPU, where it is not)")
     ap.add_argument("--save-tuned", default="auto", choices=["auto", "tensors", "replay"],
                     help="tuned.safetensors holds the tuned tensors, or only says to replay the trajectory "
                          "(auto: replay above 5e8 tuned parameters)")

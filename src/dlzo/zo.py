@@ -151,39 +151,24 @@ class ZOSGD(torch.optim.Optimizer):
         return out
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], float | torch.Tensor]) -> float:  # type: ignore[override]
-        if closure is None:
-            raise ValueError("ZOSGD.step needs a closure that returns the loss")
+    def step(self, closure: Callable[[], float | torch.Tensor] | None = None,  # type: ignore[override]
+             pair_closure: Callable | None = None) -> float:
+        """One SPSA step. ``closure()`` returns the loss at the current parameters; alternatively
+        ``pair_closure(set_plus, set_minus)`` returns (L+, L-) itself, calling ``set_plus()`` then
+        ``set_minus()`` to move the parameters (so it can share work between the two evaluations)."""
+        if (closure is None) == (pair_closure is None):
+            raise ValueError("ZOSGD.step needs a closure that returns the loss (or a pair_closure, not both)")
         step = self.steps_done
         seed = step_seed(self.seed, step)
         eps = self.param_groups[0]["eps"]
         lr = self.param_groups[0]["lr"]
-        loss = lambda: float(closure())  # noqa: E731
-        if self.restore == "exact":
-            def prepare():
-                pairs = [(p, z) for _, p, z in self._draw(seed)]
-                return pairs, [p.detach().clone() for p, _ in pairs]
-
-            pairs, saved = self._timed("perturb_s", prepare)
-
-            def shift(scale):
-                for (p, z), orig in zip(pairs, saved):
-                    p.copy_(orig).add_(z, alpha=scale)
-
-            self._timed("perturb_s", shift, eps)
-            l_plus = self._timed("forward_s", loss)
-            self._timed("perturb_s", shift, -eps)
-            l_minus = self._timed("forward_s", loss)
-            self._timed("perturb_s", lambda: [p.copy_(orig) for (p, _), orig in zip(pairs, saved)])
-            zs = [z for _, z in pairs]
-        else:
-            self._timed("perturb_s", self._perturb, seed, 1, eps)
-            l_plus = self._timed("forward_s", loss)
-            self._timed("perturb_s", self._perturb, seed, -2, eps)
-            l_minus = self._timed("forward_s", loss)
-            if self.restore == "mezo":
-                self._timed("perturb_s", self._perturb, seed, 1, eps)
-            zs = None
+        if pair_closure is None:
+            def pair_closure(set_plus, set_minus):
+                set_plus()
+                l_plus = float(closure())
+                set_minus()
+                return l_plus, float(closure())
+        l_plus, l_minus, zs = self._paired(pair_closure, seed, eps)
         if not (math.isfinite(l_plus) and math.isfinite(l_minus)):
             if self.restore == "fused":  # leave theta as it was before the step
                 self._perturb(seed, 1, eps)
@@ -197,6 +182,36 @@ class ZOSGD(torch.optim.Optimizer):
                                 "loss_plus": l_plus, "loss_minus": l_minus})
         self.steps_done += 1
         return g
+
+    def _paired(self, pair_closure, seed: int, eps: float):
+        """(L+, L-, kept z or None) from ``pair_closure``; parameters left where ``step`` expects them."""
+        if self.restore == "exact":  # z drawn once and kept; theta saved and copied back bit for bit
+            def prepare():
+                pairs = [(p, z) for _, p, z in self._draw(seed)]
+                return pairs, [p.detach().clone() for p, _ in pairs]
+
+            pairs, saved = self._timed("perturb_s", prepare)
+
+            def shift(scale):
+                for (p, z), orig in zip(pairs, saved):
+                    p.copy_(orig).add_(z, alpha=scale)
+
+            set_plus = lambda: self._timed("perturb_s", shift, eps)  # noqa: E731
+            set_minus = lambda: self._timed("perturb_s", shift, -eps)  # noqa: E731
+        else:  # in place; z regenerated from the seed at each use
+            set_plus = lambda: self._timed("perturb_s", self._perturb, seed, 1, eps)  # noqa: E731
+            set_minus = lambda: self._timed("perturb_s", self._perturb, seed, -2, eps)  # noqa: E731
+        t_perturb, t0 = self.timing["perturb_s"], _now()
+        l_plus, l_minus = (float(x) for x in pair_closure(set_plus, set_minus))  # timed as forward
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.timing["forward_s"] += _now() - t0 - (self.timing["perturb_s"] - t_perturb)
+        if self.restore == "exact":
+            self._timed("perturb_s", lambda: [p.copy_(orig) for (p, _), orig in zip(pairs, saved)])
+            return l_plus, l_minus, [z for _, z in pairs]
+        if self.restore == "mezo":
+            self._timed("perturb_s", self._perturb, seed, 1, eps)
+        return l_plus, l_minus, None
 
     @torch.no_grad()
     def replay(self, records: Iterable[dict]) -> None:

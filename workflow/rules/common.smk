@@ -120,6 +120,8 @@ def train_args(wildcards):
             f"--lr {hyper['lr']} --eps {hyper['eps']} --weight-decay {hyper.get('weight_decay', 0.0)}")
     if method_family(wildcards.method) in ("layer", "layer-lora"):
         args += f" --prefix-cache {t.get('prefix_cache', 'auto')}"
+        if t.get("paired_suffix", "auto") != "auto":  # the default adds nothing, so old runs stay valid
+            args += f" --paired-suffix {t['paired_suffix']}"
     if "lora" in method_family(wildcards.method):
         args += f" --lora-r {t['lora']['r']} --lora-alpha {t['lora']['alpha']}"
     pin = (config.get("dominant_layer") or {}).get(wildcards.model)
