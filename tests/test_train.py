@@ -84,14 +84,15 @@ def test_layer_past_depth_and_bad_method(tmp_path, tiny_model, sst2_data):
         run(tmp_path, tiny_model, sst2_data, "layer-x")
 
 
-def test_nan_loss_stops_with_step_and_keeps_trajectory(tmp_path, tiny_model, sst2_data, monkeypatch):
+@pytest.mark.parametrize("bad", ["nan", "inf", "-inf"])
+def test_nan_loss_stops_with_step_and_keeps_trajectory(tmp_path, tiny_model, sst2_data, monkeypatch, bad):
     import dlzo.train as train_mod
 
     real, calls = train_mod.objective_loss, {"n": 0}
 
-    def diverging(model, batch, prefix=None):  # the 3rd step's forward passes return NaN (2 passes per step)
+    def diverging(model, batch, prefix=None):  # the 3rd step's forward passes return NaN/inf (2 passes per step)
         calls["n"] += 1
-        return torch.tensor(float("nan")) if calls["n"] > 4 + 1 else real(model, batch, prefix)
+        return torch.tensor(float(bad)) if calls["n"] > 4 + 1 else real(model, batch, prefix)
 
     monkeypatch.setattr(train_mod, "objective_loss", diverging)
     monkeypatch.setattr(train_mod, "_mean_loss", lambda *a: 0.5)  # dev loss: not a training forward

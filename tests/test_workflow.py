@@ -1,5 +1,8 @@
-"""The Snakemake DAG for real: the whole tiny pipeline, a rerun with nothing to do, the paper's plan, lint,
-and configs that must stop before any job with the key named."""
+"""The Snakemake DAG for real: the whole tiny pipeline (locally and through the SLURM executor plugin with
+stand-in SLURM commands), provenance in every result, a rerun with nothing to do, minimal reruns, the
+paper's plan, lint, and configs that must stop before any job with the key named."""
+import collections
+import json
 import os
 import re
 import shutil
@@ -11,30 +14,64 @@ import pandas as pd
 import pytest
 import yaml
 
+import slurm_standin
 from conftest import REPO
 
 BIN = Path(sys.executable).parent
-COPY = ["Snakefile", "config.yaml", "workflow", "src", "envs", "tests/fixtures"]
+COPY = ["Snakefile", "config.yaml", "workflow", "src", "envs", "profiles", "tests/fixtures"]
+GIT = ["git", "-c", "user.name=dlzo-test", "-c", "user.email=test@dlzo.invalid"]
 
 
-def snakemake(cwd, *args, check=True):
-    env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    proc = subprocess.run([str(BIN / "snakemake"), "--workflow-profile", "none", *args], cwd=cwd, env=env,
+def snakemake(cwd, *args, check=True, profile="none", env=None):
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           **(env or {})}
+    proc = subprocess.run([str(BIN / "snakemake"), "--workflow-profile", profile, *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=1200)
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    """A copy of the workflow, so runs never touch the checkout's results/."""
-    root = tmp_path_factory.mktemp("wf")
+def copy_workflow(root: Path) -> Path:
+    """A copy of the workflow, committed to a fresh git repository so results record a commit."""
     for item in COPY:
         src, dst = REPO / item, root / item
         dst.parent.mkdir(parents=True, exist_ok=True)
         (shutil.copytree if src.is_dir() else shutil.copy)(src, dst)
+    if shutil.which("git"):
+        for cmd in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "test copy"]):
+            subprocess.run([*GIT, *cmd], cwd=root, check=True, capture_output=True)
     return root
+
+
+def head_commit(root: Path) -> str | None:
+    if not shutil.which("git"):
+        return None
+    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A copy of the workflow, so runs never touch the checkout's results/."""
+    return copy_workflow(tmp_path_factory.mktemp("wf"))
+
+
+def check_provenance(path: Path, commit: str | None, torch_stage: bool, **config) -> dict:
+    """``path``'s provenance names the config that made it (``config`` items must match), packages, the
+    git commit, device, dtype and wall time."""
+    doc = json.loads(path.read_text())
+    prov = doc["provenance"]
+    assert isinstance(prov["config"], dict) and prov["config"], path
+    for key, value in config.items():
+        assert prov["config"][key] == value, (path, key, prov["config"][key], value)
+    assert prov["packages"]["torch"] and prov["packages"]["pandas"], path
+    if commit is not None:
+        assert prov["git_commit"] == commit, (path, prov["git_commit"], commit)
+    assert prov["device"] == "cpu", path
+    assert prov["dtype"] == ("float32" if torch_stage else None), path
+    assert isinstance(prov["wall_s"], float) and prov["wall_s"] >= 0, path
+    assert "slurm_job_id" in prov and prov["time"] and prov["host"], path
+    return prov
 
 
 def planned_jobs(proc) -> dict[str, int]:
@@ -47,7 +84,7 @@ def planned_jobs(proc) -> dict[str, int]:
 def test_tiny_dag_runs_and_second_run_has_nothing_to_do(workdir):
     snakemake(workdir, "--cores", "2", "--configfile", "workflow/configs/tiny.yaml")
     res = workdir / "results" / "tiny"
-    for name in ("accuracy.md", "accuracy.csv", "speedup.md", "speedup.csv", "layer_sweep.png"):
+    for name in ("accuracy.md", "accuracy.csv", "speedup.md", "speedup.csv", "layer_sweep.png", "provenance.json"):
         assert (res / "tables" / name).stat().st_size > 0, name
     acc = pd.read_csv(res / "tables" / "accuracy.csv")
     methods = {"zero-shot", "mezo-full", "lora-zo", "dominant", "dominant-lora", "layer-0", "layer-2",
@@ -61,6 +98,27 @@ def test_tiny_dag_runs_and_second_run_has_nothing_to_do(workdir):
     assert (res / "probe" / "tiny-llama" / "activation_profile.png").exists()
     again = snakemake(workdir, "-n", "--configfile", "workflow/configs/tiny.yaml")
     assert "Nothing to be done" in again.stdout + again.stderr
+
+    # provenance: every result file names the config that made it, packages, commit, device, dtype, wall time
+    commit, cfg = head_commit(workdir), yaml.safe_load((workdir / "workflow/configs/tiny.yaml").read_text())
+    check_provenance(res / "models/tiny-llama/dlzo_model.json", commit, False, source="tiny:llama:4:1", num_layers=4)
+    for task in ("sst2", "squad"):
+        check_provenance(res / f"data/{task}/meta.json", commit, False, task=task, seed=0,
+                         train=cfg["tasks"][task]["train"])
+        check_provenance(res / f"eval/tiny-llama/{task}/zero-shot.json", commit, True, task=task, method="zero-shot")
+        for method, family in (("mezo-full", "full"), ("lora-zo", "lora"), ("dominant", "layer"),
+                               ("dominant-lora", "layer-lora"), ("layer-0", "layer"), ("layer-2", "layer")):
+            hyper = cfg["train"]["hyper"][family]
+            check_provenance(res / f"train/tiny-llama/{task}/{method}/seed0/log.json", commit, True, task=task,
+                             method=method, seed=0, lr=hyper["lr"], eps=hyper["eps"], steps=cfg["train"]["steps"])
+            check_provenance(res / f"eval/tiny-llama/{task}/{method}/seed0.json", commit, True, task=task,
+                             method=method, seed=0, batch_size=cfg["evaluate"]["batch_size"])
+    check_provenance(res / "probe/tiny-llama/probe.json", commit, True, n_seqs=cfg["probe"]["n_seqs"],
+                     abs_threshold=cfg["probe"]["abs_threshold"])
+    tables = check_provenance(res / "tables/provenance.json", commit, False)
+    inputs = json.loads((res / "tables/provenance.json").read_text())["inputs_sha256"]
+    assert len(inputs) == 2 * 7 + 2 * 6 + 1 and all(len(h) == 64 for h in inputs.values())
+    assert set(tables["config"]["evals"]) <= set(inputs)
 
 
 def planned(proc) -> set[tuple[str, str]]:
@@ -86,7 +144,7 @@ def test_minimal_reruns(workdir, tmp_path):
     if "Nothing to be done" not in snakemake(workdir, "-n", "--configfile", str(cfg_path)).stdout:
         pytest.skip("needs the finished tiny DAG of test_tiny_dag_runs_and_second_run_has_nothing_to_do")
 
-    def plan(edit=None, touch=None):
+    def plan(edit=None, touch=None, what=None):
         cfg = yaml.safe_load(yaml.safe_dump(base))
         if edit:
             edit(cfg)
@@ -95,17 +153,22 @@ def test_minimal_reruns(workdir, tmp_path):
         if touch:  # a real edit: Snakemake compares content, a bare `touch` is not a change
             with open(workdir / touch, "a") as fh:
                 fh.write("\n# edited by test_minimal_reruns\n")
-        return planned(snakemake(workdir, "-n", "--configfile", str(path)))
+        jobs = planned(snakemake(workdir, "-n", "--configfile", str(path)))
+        print(f"\nrerun after editing {touch or what}: {len(jobs)} jobs")  # pytest -s shows the lists
+        for rule, wildcards in sorted(jobs):
+            print(f"  {rule} {wildcards}")
+        return jobs
 
     def runs(rule, methods, tasks=("sst2", "squad")):
         return {(rule, f"model=tiny-llama, task={t}, method={m}, seed=0") for t in tasks for m in methods}
 
     tail = {("tables", ""), ("all", "")}
     # one method's hyperparameter: that method's training and evaluation jobs, then the tables
-    lora = plan(lambda c: c["train"]["hyper"]["lora"].update(lr=2e-3))
+    lora = plan(lambda c: c["train"]["hyper"]["lora"].update(lr=2e-3), what="train.hyper.lora.lr")
     assert lora == runs("zo_train", ["lora-zo"]) | runs("evaluate", ["lora-zo"]) | tail
     # a new task: its data, its runs, its zero-shot evaluation, the tables; nothing else
-    cb = plan(lambda c: c["tasks"].update(cb={"source": "local:tests/fixtures", "train": 4, "dev": 2, "test": 4}))
+    cb = plan(lambda c: c["tasks"].update(cb={"source": "local:tests/fixtures", "train": 4, "dev": 2, "test": 4}),
+              what="tasks (adding cb)")
     methods = ["mezo-full", "lora-zo", "dominant", "dominant-lora", "layer-0", "layer-2"]
     assert cb == ({("prepare_data", "task=cb"), ("evaluate_zero_shot", "model=tiny-llama, task=cb")}
                   | runs("zo_train", methods, ["cb"]) | runs("evaluate", methods, ["cb"]) | tail)
@@ -114,6 +177,113 @@ def test_minimal_reruns(workdir, tmp_path):
     # the ZO code: every training job and what follows it, not the data, model or probe
     zo = plan(touch="src/dlzo/zo.py")
     assert zo == runs("zo_train", methods) | runs("evaluate", methods) | tail
+
+
+GPU_RULES = {"probe_outliers", "zo_train", "evaluate", "evaluate_zero_shot"}
+LIGHT_RULES = {"download_model", "prepare_data", "tables", "all"}  # localrules: they stay on the head node
+
+
+def test_slurm_profile_and_resources_scale_with_the_model():
+    prof = yaml.safe_load((REPO / "profiles/slurm/config.yaml").read_text())
+    assert prof["executor"] == "slurm" and prof["software-deployment-method"] == "conda"
+    assert prof["rerun-incomplete"] is True and prof["retries"] >= 1 and prof["latency-wait"] >= 30
+    assert prof["default-resources"]["mem_mb"] > 0 and prof["default-resources"]["runtime"] > 0
+    local = re.search(r"^localrules:\n((?:\s+\w+,?\n)+)", (REPO / "Snakefile").read_text(), re.M)
+    assert set(re.findall(r"\w+", local.group(1))) == LIGHT_RULES
+    # the paper's 7B/8B models ask for a GPU and more memory and time than the CPU demo and tiny configs
+    paper = yaml.safe_load((REPO / "config.yaml").read_text())["models"]
+    small = [m["resources"] for c in ("demo", "tiny")
+             for m in yaml.safe_load((REPO / f"workflow/configs/{c}.yaml").read_text())["models"].values()]
+    for name, model in paper.items():
+        res = model["resources"]
+        assert res["gpu"] >= 1, name
+        assert all(res["mem_mb"] > s["mem_mb"] and res["runtime"] > s["runtime"] for s in small), name
+
+
+def slurm_config(workdir: Path) -> dict:
+    """tiny.yaml with two models of different sizes asking for different GPU resources; one task, the
+    zero-shot and dominant methods: every rule of the DAG, the checkpoint included, in 12 jobs."""
+    cfg = yaml.safe_load((workdir / "workflow/configs/tiny.yaml").read_text())
+    cfg["models"] = {
+        "tiny-llama": dict(cfg["models"]["tiny-llama"], resources={"gpu": 1, "mem_mb": 2000, "runtime": 10}),
+        "tiny-llama-big": {"source": "tiny:llama:6:2", "num_layers": 6,
+                           "resources": {"gpu": 2, "mem_mb": 16000, "runtime": 120}},
+    }
+    cfg["tasks"] = {"sst2": cfg["tasks"]["sst2"]}
+    cfg.update(methods=["zero-shot", "dominant"], sweep_layers=[])
+    return cfg
+
+
+@pytest.mark.slow
+def test_tiny_dag_through_the_slurm_executor_plugin(tmp_path_factory):
+    """The real snakemake-executor-plugin-slurm submits the GPU jobs to stand-in sbatch/srun/sacct/sacctmgr
+    (tests/slurm_standin.py), which run them here and record their flags; the light rules stay local."""
+    root = copy_workflow(tmp_path_factory.mktemp("slurm"))
+    # the repository's profile as it is, but without conda (its channels are unreachable here)
+    prof = yaml.safe_load((root / "profiles/slurm/config.yaml").read_text())
+    assert prof.pop("software-deployment-method") == "conda"
+    (root / "profiles/standin").mkdir()
+    (root / "profiles/standin/config.yaml").write_text(yaml.safe_dump(prof))
+    cfg = slurm_config(root)
+    (root / "slurm.yaml").write_text(yaml.safe_dump(cfg))
+    state = root / "slurm-state"
+    env = slurm_standin.install(root / "slurm-bin", state)
+    env["PATH"] = f"{root / 'slurm-bin'}:{BIN}:{os.environ['PATH']}"  # the stand-ins first, then this venv
+    proc = snakemake(root, "--configfile", "slurm.yaml", "--jobs", "2", "--slurm-init-seconds-before-status-checks",
+                     "1", profile="profiles/standin", env=env)
+    log = proc.stdout + proc.stderr
+    assert "SLURM run ID" in log  # the slurm executor, not the local one, ran the workflow
+
+    sbatch = [json.loads(line) for line in (state / "sbatch.jsonl").read_text().splitlines()]
+    srun = {r["jobid"]: r for r in map(json.loads, (state / "srun.jsonl").read_text().splitlines())}
+    jobs = {}  # (rule, wildcards) -> sbatch record
+    for rec in sbatch:
+        rule, wc = re.search(r"--target-jobs '(\w+):([^']*)'", rec["script"]).groups()
+        wildcards = dict(kv.split("=", 1) for kv in wc.split(","))
+        jobs[rule, wildcards.get("model"), wildcards.get("method", "zero-shot" if "zero" in rule else "")] = rec
+        flags, res = rec["flags"], cfg["models"][wildcards["model"]]["resources"]
+        print(f"sbatch {rule} {wc}: " + " ".join(f"{k}={v}" for k, v in flags.items()
+                                                     if k not in ("--wrap", "--output", "--job-name")))
+        assert flags["--comment"].startswith(f"rule_{rule}_wildcards_")
+        assert flags["--gpus"] == str(res["gpu"]), (rule, flags)  # a GPU, as many as the model asks
+        assert flags["--mem"] == str(res["mem_mb"]) and flags["-t"] == str(res["runtime"]), (rule, flags)
+        assert flags["-A"] == slurm_standin.ACCOUNT and flags["-p"] == "gpu"  # guessed, validated, default partition
+        assert flags["--parsable"] is True and flags["-D"] == str(root)
+        step = srun[str(rec["jobid"])]  # inside the job, the jobstep plugin ran the rule through srun
+        assert step["flags"]["--gpus"] == str(res["gpu"]) and "snakemake" in " ".join(step["command"])
+    assert collections.Counter(rule for rule, _, _ in jobs) == {
+        "probe_outliers": 2, "zo_train": 2, "evaluate": 2, "evaluate_zero_shot": 2}
+    assert {rule for rule, _, _ in jobs} == GPU_RULES and len(sbatch) == len(jobs) == 8
+    big, small = jobs["zo_train", "tiny-llama-big", "dominant"]["flags"], jobs["zo_train", "tiny-llama", "dominant"]["flags"]
+    assert int(big["--mem"]) > int(small["--mem"]) and int(big["-t"]) > int(small["-t"])  # scales with the model
+    for rule in LIGHT_RULES:  # the light rules ran on the head node
+        assert re.search(rf"^localrule {rule}:", log, re.M), rule
+    tools = collections.Counter(json.loads(line)["tool"] for line in (state / "calls.jsonl").read_text().splitlines())
+    assert tools["sacct"] >= 2 and tools["sacctmgr"] >= 1 and tools["sinfo"] >= 1  # account guess, check, status
+
+    # complete outputs, each made by the SLURM job recorded for it (or on the head node: no job id)
+    res = root / "results/tiny"
+    acc = pd.read_csv(res / "tables/accuracy.csv")
+    assert set(acc["model"]) == {"tiny-llama", "tiny-llama-big"}
+    assert set(acc["method"]) == {"zero-shot", "dominant"} and acc["mean"].between(0, 100).all()
+    commit = head_commit(root)
+    for model in cfg["models"]:
+        def made_by(rule, method=""):
+            return str(jobs[rule, model, method]["jobid"])
+
+        prov = check_provenance(res / f"probe/{model}/probe.json", commit, True)
+        assert prov["slurm_job_id"] == made_by("probe_outliers")
+        prov = check_provenance(res / f"train/{model}/sst2/dominant/seed0/log.json", commit, True, method="dominant")
+        assert prov["slurm_job_id"] == made_by("zo_train", "dominant")
+        prov = check_provenance(res / f"eval/{model}/sst2/dominant/seed0.json", commit, True, method="dominant")
+        assert prov["slurm_job_id"] == made_by("evaluate", "dominant")
+        prov = check_provenance(res / f"eval/{model}/sst2/zero-shot.json", commit, True, method="zero-shot")
+        assert prov["slurm_job_id"] == made_by("evaluate_zero_shot", "zero-shot")
+        assert check_provenance(res / f"models/{model}/dlzo_model.json", commit, False)["slurm_job_id"] is None
+    assert check_provenance(res / "data/sst2/meta.json", commit, False)["slurm_job_id"] is None
+    assert check_provenance(res / "tables/provenance.json", commit, False)["slurm_job_id"] is None
+    again = snakemake(root, "-n", "--configfile", "slurm.yaml")
+    assert "Nothing to be done" in again.stdout + again.stderr
 
 
 def test_paper_config_plans_the_whole_dag_offline(workdir):

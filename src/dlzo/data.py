@@ -20,7 +20,8 @@ When the three sizes together exceed one pool they are scaled down proportionall
 remainder) and a warning is recorded in ``meta.json``; a split left with 0 rows is an error.
 Rows in error messages and ``meta.json["indices"]`` are 0-based positions in the source split/file.
 Output: ``train.jsonl``, ``dev.jsonl``, ``test.jsonl`` (records of :mod:`dlzo.tasks`) and
-``meta.json`` (written last). Same arguments -> byte-identical files.
+``meta.json`` (written last). Same arguments -> byte-identical files (the CLI adds a ``provenance``
+record to ``meta.json``: packages, git commit, host, wall time).
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ import importlib.util
 import json
 import os
 import sys
+import time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -40,6 +42,7 @@ import numpy as np
 
 from dlzo import DLZOError
 from dlzo.io import read_jsonl, write_json, write_jsonl
+from dlzo.runtime import provenance
 from dlzo.tasks import TASKS, TaskSpec, get_task, hub_source
 
 SPLITS = ("train", "dev", "test")
@@ -202,8 +205,13 @@ def _render(spec: TaskSpec, pool: Pool, i: int) -> dict:
     return spec.render(pool.rows[i], f"{pool.origin}, row {i}", id=f"{pool.id_prefix}-{i}")
 
 
-def prepare(task: str, source: str, seed: int, sizes: dict[str, int | None] | None, out: str | os.PathLike) -> dict:
-    """Write ``<out>/{train,dev,test}.jsonl`` and ``<out>/meta.json``; return the meta dict."""
+def prepare(task: str, source: str, seed: int, sizes: dict[str, int | None] | None, out: str | os.PathLike,
+            config: dict | None = None) -> dict:
+    """Write ``<out>/{train,dev,test}.jsonl`` and ``<out>/meta.json``; return the meta dict.
+
+    ``config`` (the CLI's arguments): meta.json also gets ``provenance`` (that config, packages, git
+    commit, host, wall time); without it meta.json is byte-reproducible like the splits."""
+    started = time.time()
     spec = get_task(task)
     requested = {k: (sizes or {}).get(k) for k in SPLITS}
     requested = {k: spec.sizes[i] if v is None else int(v) for i, (k, v) in enumerate(requested.items())}
@@ -251,6 +259,8 @@ def prepare(task: str, source: str, seed: int, sizes: dict[str, int | None] | No
         meta["sha256"][split] = hashlib.sha256(path.read_bytes()).hexdigest()
     for w in warnings:
         print(f"dlzo.data: warning: {w}", file=sys.stderr)
+    if config is not None:
+        meta["provenance"] = provenance(started=started, config=config)
     write_json(out / "meta.json", meta)
     return meta
 
@@ -266,7 +276,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     try:
         meta = prepare(args.task, args.source, args.seed,
-                       {k: getattr(args, k) for k in SPLITS}, args.out)
+                       {k: getattr(args, k) for k in SPLITS}, args.out, config=vars(args))
     except DLZOError as err:
         raise SystemExit(f"dlzo.data: error: {err}") from None
     print(f"dlzo.data: {meta['task']} ({meta['protocol']}): " +

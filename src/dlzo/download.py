@@ -119,7 +119,8 @@ def download(source: str, out: str | Path, num_layers: int | None = None) -> dic
                             f"has {depth} decoder layers; fix models.<name>.num_layers in the config")
         meta = {"source": source, "architecture": (config.architectures or ["?"])[0],
                 "num_layers": depth, "hidden_size": getattr(config, "hidden_size", None),
-                "provenance": provenance(started=started)}
+                "provenance": provenance(started=started, config={"source": source, "out": str(out),
+                                                                    "num_layers": num_layers})}
         write_json(tmp / "dlzo_model.json", meta)
     return meta
 

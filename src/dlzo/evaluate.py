@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         # reproduces base-model numbers only: a tuned run must first be saved as a model folder
         lm_eval_cli=cli_command(args.model, tasks_dir, result["lm_eval_task"], args.batch_size,
                                 str(dtype).replace("torch.", ""), str(device), args.limit),
-        provenance=provenance(device, dtype, started))
+        provenance=provenance(device, dtype, started, config=vars(args)))
     write_json(out, result)
     return 0
 

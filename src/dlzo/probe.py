@@ -328,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
                    args.max_len, args.batch_size, model_name=name)
     result["calibration"]["source"] = source
     result["model"] = str(args.model)
-    result["provenance"] = provenance(device, dtype, started)
+    result["provenance"] = provenance(device, dtype, started, config=vars(args))
     write_json(args.out, result)
     if args.plot:
         plot_profile(result, args.plot, title=f"{name}: per-layer output |h| ({result['calibration']['n_seqs']} "

@@ -1,4 +1,8 @@
-"""Device, dtype, threads and provenance: what every stage decides the same way."""
+"""Device, dtype, threads and provenance: what every stage decides the same way.
+
+torch is imported where it is needed, not here: the tables stage records provenance in an
+environment without torch (envs/tables.yaml).
+"""
 from __future__ import annotations
 
 import os
@@ -10,18 +14,22 @@ import sys
 import time
 from importlib import metadata
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from dlzo import DLZOError, __version__
 
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
-          "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-          "fp64": torch.float64, "float64": torch.float64}
+if TYPE_CHECKING:
+    import torch
+
+# the names --dtype accepts -> torch's dtype attribute
+DTYPES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16",
+          "bf16": "bfloat16", "bfloat16": "bfloat16", "fp64": "float64", "float64": "float64"}
 
 
 def pick_device(requested: str = "auto") -> torch.device:
     """``auto``: CUDA when present, else CPU. An explicit ``cuda`` without a GPU is an error."""
+    import torch
+
     if requested in (None, "", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(requested)
@@ -32,21 +40,27 @@ def pick_device(requested: str = "auto") -> torch.device:
 
 def pick_dtype(requested: str, device: torch.device, gpu_default: str = "fp16") -> torch.dtype:
     """``auto``: ``gpu_default`` on CUDA, fp32 on CPU (half precision on CPU is slow and inexact)."""
+    import torch
+
     if requested in (None, "", "auto"):
-        return DTYPES[gpu_default] if device.type == "cuda" else torch.float32
+        return getattr(torch, DTYPES[gpu_default]) if device.type == "cuda" else torch.float32
     if requested not in DTYPES:
         raise DLZOError(f"dtype {requested!r} is not one of {sorted(DTYPES)}")
-    return DTYPES[requested]
+    return getattr(torch, DTYPES[requested])
 
 
 def set_threads(threads: int | None) -> None:
     if threads:
+        import torch
+
         torch.set_num_threads(int(threads))
 
 
 def peak_memory_mb(device: torch.device) -> float:
     """GPU: torch's peak allocation; CPU: the process's peak resident set size."""
     if device.type == "cuda":
+        import torch
+
         return torch.cuda.max_memory_allocated(device) / 2**20
     rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss_kb / 1024 if sys.platform != "darwin" else rss_kb / 2**20
@@ -67,7 +81,8 @@ def git_commit() -> str | None:
 
 def package_versions() -> dict[str, str]:
     out = {}
-    for name in ("torch", "transformers", "peft", "lm_eval", "datasets", "snakemake"):
+    for name in ("torch", "transformers", "peft", "lm_eval", "datasets", "numpy", "pandas", "matplotlib",
+                 "snakemake"):
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -76,8 +91,10 @@ def package_versions() -> dict[str, str]:
 
 
 def provenance(device: torch.device | None = None, dtype: torch.dtype | None = None,
-               started: float | None = None, **extra) -> dict:
-    """What made a result file: code, packages, machine, device, dtype, wall time."""
+               started: float | None = None, config: dict | None = None, **extra) -> dict:
+    """What made a result file: its config (the stage's arguments), code, packages, machine, device,
+    dtype, wall time, and the SLURM job when there is one."""
+    torch = sys.modules.get("torch")  # only what the stage itself loaded
     info = {
         "dlzo": __version__,
         "git_commit": git_commit(),
@@ -85,15 +102,15 @@ def provenance(device: torch.device | None = None, dtype: torch.dtype | None = N
         "python": platform.python_version(),
         "host": socket.gethostname(),
         "argv": sys.argv,
-        "threads": torch.get_num_threads(),
+        "config": dict(config) if config is not None else None,
+        "threads": torch.get_num_threads() if torch is not None else None,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "device": str(device) if device is not None else "cpu",
+        "dtype": str(dtype).replace("torch.", "") if dtype is not None else None,
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
     }
-    if device is not None:
-        info["device"] = str(device)
-        if device.type == "cuda":
-            info["gpu"] = torch.cuda.get_device_name(device)
-    if dtype is not None:
-        info["dtype"] = str(dtype).replace("torch.", "")
+    if device is not None and device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
     if started is not None:
         info["wall_s"] = round(time.time() - started, 3)
     info.update(extra)

@@ -6,18 +6,22 @@ and ``train/<model>/<task>/<method>/seed<s>/log.json``. Outputs (Markdown + CSV 
   speedup.md/.csv    seconds per step (forward / perturbation / update), training time, and the
                      speedup of every method over mezo-full
   layer_sweep.png    accuracy against the tuned layer, baselines as lines, the probe's layer marked
+  provenance.json    what made them: the arguments, every input file's sha256, packages, git commit, wall time
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import re
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
 
 from dlzo import DLZOError
-from dlzo.io import atomic_path, read_json
+from dlzo.io import atomic_path, read_json, write_json
+from dlzo.runtime import provenance
 
 EVAL_RE = re.compile(r"eval/(?P<model>[^/]+)/(?P<task>[^/]+)/(?:(?P<method>[^/]+)/seed(?P<seed>\d+)|zero-shot)\.json$")
 LOG_RE = re.compile(r"train/(?P<model>[^/]+)/(?P<task>[^/]+)/(?P<method>[^/]+)/seed(?P<seed>\d+)/log\.json$")
@@ -244,11 +248,15 @@ def main(argv=None) -> int:
     ap.add_argument("--probes", nargs="*", default=[])
     ap.add_argument("--out", required=True)
     a = ap.parse_args(argv)
+    started = time.time()
     try:
         write_tables(a.evals, a.train_logs, a.probes, a.out)
     except DLZOError as err:
         print(f"tables: error: {err}", file=sys.stderr)
         return 1
+    inputs = {p: hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in [*a.evals, *a.train_logs, *a.probes]}
+    write_json(Path(a.out) / "provenance.json",
+               {"inputs_sha256": inputs, "provenance": provenance(started=started, config=vars(a))})
     print((Path(a.out) / "accuracy.md").read_text())
     print((Path(a.out) / "speedup.md").read_text())
     return 0

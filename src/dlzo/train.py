@@ -263,7 +263,7 @@ def train(args) -> dict:
                 ("update_s_per_step", opt.timing["update_s"]))},
         },
         "peak_memory_mb": peak_memory_mb(device),
-        "provenance": provenance(device, dtype, started),
+        "provenance": provenance(device, dtype, started, config=vars(args)),
     }
     write_json(out / "log.json", result)
     partial.unlink(missing_ok=True)

@@ -6,6 +6,7 @@ rule tables:
         speedup_csv=f"{RESULTS}/tables/speedup.csv",
         figure=report(f"{RESULTS}/tables/layer_sweep.png", caption="../report/layer_sweep.rst",
                       category="Results"),
+        provenance=f"{RESULTS}/tables/provenance.json",
     input:
         evals=eval_outputs(),
         logs=train_logs(),
