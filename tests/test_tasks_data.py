@@ -367,3 +367,36 @@ def test_hub_failure_is_explained(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(DLZOError, match=r"could not load hub dataset 'nyu-mll/glue' config 'sst2'.*--source olmo"):
         prepare("sst2", "hub", 0, None, tmp_path)
+
+
+@pytest.mark.parametrize("task", ALL)
+def test_training_loss_of_fixture_equals_hand_computation(task, tiny_model):
+    """Each task's training objective on its first fixture example, recomputed by hand in float64 from
+    the full-vocabulary logits: candidates -> cross-entropy over mean candidate log-probs; lm -> mean
+    log-prob of the gold answer tokens (the first answer, with the newline that ends generation)."""
+    import math
+
+    import torch
+
+    from dlzo.models import load_model, load_tokenizer
+    from dlzo.objectives import encode_pair, loss, make_batch
+
+    cpu = torch.device("cpu")
+    spec = get_task(task)
+    rec = spec.render(fixture_rows(task)[0], f"{task}.jsonl, row 0")
+    model, tok = load_model(tiny_model, cpu, torch.float32), load_tokenizer(tiny_model)
+
+    def mean_logprob(continuation):
+        ctx, cont = encode_pair(tok, rec["prompt"], continuation)
+        logp = torch.log_softmax(model(torch.tensor([ctx + cont])).logits[0].double(), -1)
+        return sum(float(logp[len(ctx) + j - 1, t]) for j, t in enumerate(cont)) / len(cont)
+
+    with torch.no_grad():
+        got = float(loss(model, make_batch(tok, [rec], spec.objective, cpu)))
+        if spec.objective == "candidates":
+            means = [mean_logprob(c) for c in rec["candidates"]]
+            expected = -(means[rec["label"]] - math.log(sum(math.exp(m) for m in means)))
+        else:
+            expected = -mean_logprob(gold_continuation(rec))
+    assert got == pytest.approx(expected, rel=1e-5)
+    assert spec.objective == ("lm" if task in ("copa", "squad", "drop") else "candidates")
