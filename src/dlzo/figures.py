@@ -118,19 +118,23 @@ def layer_sweep(evals: pd.DataFrame, runs: pd.DataFrame, probes: dict, best: pd.
             ax.axvline(first, linestyle="-.", color="0.2", linewidth=1)
             ax.annotate(f"probe: layer {first}", (first, 1.0), xycoords=("data", "axes fraction"),
                         xytext=(3, -11), textcoords="offset points", fontsize=8)
-        for method, marker, ms in (("dominant", "*", 15), ("dominant-lora", "d", 9)):
+        # drawn under the star, larger and hollow, so both stay visible when they coincide
+        for method, marker, ms, z in (("dominant", "*", 14, 6), ("dominant-lora", "D", 13, 5)):
             dom = sub[sub["method"] == method]["value"]
             dl = runs[(runs["model"] == model) & (runs["method"] == method)]["layer"].dropna()
             if not dom.empty and not dl.empty:
                 ax.plot([int(dl.iloc[0])], [dom.mean()], marker=marker, markersize=ms, color="black",
-                        mfc="white" if method != "dominant" else "black", linestyle="none", zorder=5)
+                        mfc="none" if method != "dominant" else "black", linestyle="none", zorder=z)
                 legend[f"{method} (its layer)"] = Line2D([], [], marker=marker, ms=ms * 0.8, color="black",
-                                                          mfc="white" if method != "dominant" else "black",
+                                                          mfc="none" if method != "dominant" else "black",
                                                           linestyle="none")
         n = (probes.get(model) or {}).get("num_layers")
         if n:
             ax.set_xlim(-1, n)
         ax.margins(y=0.12)  # room for the markers at the extremes
+        lo, hi = ax.get_ylim()
+        if hi - lo < 2:  # all values equal: a few points of range instead of float noise on an offset axis
+            ax.set_ylim((lo + hi) / 2 - 1.5, (lo + hi) / 2 + 1.5)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         metric = "/".join(sorted(set(sub["metric"].dropna()))) or "accuracy"
         ax.set_title(f"{model} / {task}", fontsize=10)
