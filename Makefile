@@ -9,7 +9,7 @@ CORES  ?= 2
 SNAKEMAKE := $(BIN)/snakemake --workflow-profile none --cores $(CORES)
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup demo reference tiny test test-fast lint dag paper-dry-run
+.PHONY: setup demo report reference tiny test test-fast lint dag paper-dry-run
 
 setup: $(STAMP)
 
@@ -27,11 +27,16 @@ demo: setup
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(SNAKEMAKE) --configfile workflow/configs/demo.yaml
 	@cat results/tables/accuracy.md results/tables/speedup.md
 
+# one HTML page with every table and figure of the demo and their captions (after make demo)
+report: setup
+	HF_HUB_OFFLINE=1 $(SNAKEMAKE) --configfile workflow/configs/demo.yaml --report results/report.html
+
 # the committed copy of the demo's tables and figures that the README shows
 reference: demo
 	mkdir -p results/reference/demo
-	cp results/tables/accuracy.md results/tables/accuracy.csv results/tables/speedup.md \
-	   results/tables/speedup.csv results/tables/layer_sweep.png \
+	cp results/tables/accuracy.md results/tables/accuracy.csv results/tables/accuracy.tex \
+	   results/tables/speedup.md results/tables/speedup.csv results/tables/paper_comparison.md \
+	   results/tables/layer_sweep.png results/tables/loss_curves.png \
 	   results/probe/smollm2-135m/probe.json results/probe/smollm2-135m/activation_profile.png \
 	   results/reference/demo/
 

@@ -1,7 +1,7 @@
 # dlzo: Dominant-Layer zeroth-order fine-tuning, end to end.
 #   download_model -> prepare_data -> probe_outliers (checkpoint: the dominant layer)
 #   -> zo_train (mezo-full, lora-zo, layer-<i> sweep, dominant, dominant-lora) -> evaluate (lm-eval)
-#   -> tables (accuracy, speedup, layer-sweep figure)
+#   -> tables (accuracy, speedup and paper tables; layer-sweep and loss figures)
 # Run: snakemake --cores 2 --configfile workflow/configs/demo.yaml   (see README.md)
 from snakemake.utils import min_version, validate
 
@@ -16,6 +16,10 @@ if not config:
 
 
 validate(config, "workflow/schemas/config.schema.yaml")
+
+
+# The top of `snakemake --report results/report.html`; each result's caption is in workflow/report/.
+report: "workflow/report/workflow.rst"
 
 
 include: "workflow/rules/common.smk"

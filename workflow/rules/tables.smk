@@ -1,17 +1,31 @@
+# The paper's tables and figures, and what `snakemake --report` shows (captions in workflow/report/).
 rule tables:
     output:
         accuracy_md=f"{RESULTS}/tables/accuracy.md",
         accuracy_csv=f"{RESULTS}/tables/accuracy.csv",
+        accuracy_tex=f"{RESULTS}/tables/accuracy.tex",
+        accuracy_html=tables_report("accuracy.html", "accuracy", "Accuracy", "Tables"),
+        paper_md=f"{RESULTS}/tables/paper_comparison.md",
+        paper_csv=f"{RESULTS}/tables/paper_comparison.csv",
+        paper_html=tables_report("paper_comparison.html", "paper_comparison", "Accuracy", "Tables"),
         speedup_md=f"{RESULTS}/tables/speedup.md",
         speedup_csv=f"{RESULTS}/tables/speedup.csv",
-        figure=report(f"{RESULTS}/tables/layer_sweep.png", caption="../report/layer_sweep.rst",
-                      category="Results"),
+        speedup_tex=f"{RESULTS}/tables/speedup.tex",
+        speedup_html=tables_report("speedup.html", "speedup", "Speed and memory"),
+        figure=tables_report("layer_sweep.png", "layer_sweep", "Accuracy", "Figures"),
+        loss=tables_report("loss_curves.png", "loss_curves", "Training"),
         provenance=f"{RESULTS}/tables/provenance.json",
     input:
         evals=eval_outputs(),
         logs=train_logs(),
+        benchmarks=train_benchmarks(),
         probes=expand(f"{RESULTS}/probe/{{model}}/probe.json", model=config["models"]),
-        code=src("tables"),
+        meta=expand(f"{RESULTS}/data/{{task}}/meta.json", task=config["tasks"]),
+        paper="workflow/data/paper_reported.csv",
+        code=src("tables", "figures"),
+    params:
+        paper_names=" ".join(f"{m}={v['paper_name']}" for m, v in config["models"].items() if v.get("paper_name")),
+        protocol=report_protocol(),  # read by the report's captions
     log:
         f"{RESULTS}/logs/tables.log",
     benchmark:
@@ -20,5 +34,5 @@ rule tables:
         "../../envs/tables.yaml"
     shell:
         "python -m dlzo.tables --evals {input.evals} --train-logs {input.logs} --probes {input.probes} "
-        "--out $(dirname {output.accuracy_md}) "
-        "> {log} 2>&1"
+        "--benchmarks {input.benchmarks} --data-meta {input.meta} --paper {input.paper} "
+        "--paper-name {params.paper_names} --out $(dirname {output.accuracy_md}) > {log} 2>&1"
