@@ -474,8 +474,9 @@ def plot_sensitivity(sens: dict, png_path, title: str | None = None) -> None:
         ax_g.annotate(f"probe: layer {k}", xy=(k, 1.0), xycoords=("data", "axes fraction"), xytext=(3, -12),
                       textcoords="offset points", fontsize=8)
     n_s = layers[0]["g"]["n"]
-    fig.suptitle(title or f"perturbation sensitivity per layer ({sens['k']} draws x {len(sens['base_loss'])} "
-                          f"batches = {n_s} per layer, eps {sens['eps']:g})", fontsize=11)
+    nb = len(sens["base_loss"])
+    fig.suptitle(title or f"perturbation sensitivity per layer ({sens['k']} draws x {nb} batch{'es' * (nb > 1)} "
+                          f"= {n_s} per layer, eps {sens['eps']:g})", fontsize=11)
     fig.tight_layout()
     with atomic_path(png_path) as tmp:
         fig.savefig(tmp, format="png", dpi=150)
@@ -524,7 +525,8 @@ def sensitivity_main(argv: list[str] | None = None) -> int:
     write_json(args.out, result)
     if args.plot:
         plot_sensitivity(result, args.plot, title=f"{name} on {args.task}: per-layer ZO sensitivity ({args.k} draws "
-                                                  f"x {args.batches} batches of {len(ids[0])}, eps {args.eps:g})")
+                                                  f"x {args.batches} batch{'es' * (args.batches > 1)} of "
+                                                  f"{len(ids[0])}, eps {args.eps:g})")
     top = result["most_sensitive_layer"]
     print(f"{name}: largest spread of g at layer {top}"
           + (f"; probe's first outlier layer {probe_layer}" if probe_layer is not None else ""))
