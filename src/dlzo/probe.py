@@ -9,6 +9,10 @@ Per layer, statistics are folded into small accumulators inside a forward hook (
 kept): a log-spaced histogram of |h| gives the median over every non-pad entry of the calibration
 set, whatever the batch size; the largest entries (all those over the absolute threshold, up to
 KEEP_CAP) give the max, the top-k list and the exact count of entries over both thresholds.
+
+``python -m dlzo.probe sensitivity`` writes the perturbation-sensitivity profile: per layer, K
+single-layer ZO perturbations (ZO-SGD's z) on a few training batches, the spread of the projected
+gradient and of |L(+) - L(-)| (``sensitivity``, ``plot_sensitivity``).
 """
 from __future__ import annotations
 
