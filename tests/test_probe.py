@@ -383,6 +383,8 @@ def test_sensitivity_cli(tiny, sst2_data, tmp_path):
     assert set(r) >= {"num_layers", "k", "eps", "seed", "z_seeds", "prefix_cache", "base_loss", "layers",
                       "most_sensitive_layer", "model", "task", "objective", "batch_ids", "probe_layer", "provenance"}
     assert r["probe_layer"] == 1 and r["k"] == 2 and r["eps"] == 1e-3 and r["objective"] == "candidates"
+    stds = sorted((L["g"]["std"] for L in r["layers"]), reverse=True)
+    assert r["probe_layer_rank"] == 1 + stds.index(r["layers"][1]["g"]["std"])
     assert len(r["batch_ids"]) == 2 and all(len(b) == 2 for b in r["batch_ids"]) and len(r["base_loss"]) == 2
     assert [L["index"] for L in r["layers"]] == [0, 1, 2, 3] and r["provenance"]["dtype"] == "float32"
     for L in r["layers"]:

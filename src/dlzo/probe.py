@@ -526,6 +526,8 @@ def sensitivity_main(argv: list[str] | None = None) -> int:
     result.update(model=str(args.model), task=args.task, data=str(args.data), objective=batches[0].objective,
                   batch_size=len(ids[0]), batch_ids=ids, max_len=args.max_len, probe=args.probe,
                   probe_layer=probe_layer, provenance=provenance(device, dtype, started))
+    by_std = sorted(result["layers"], key=lambda L: -L["g"]["std"])
+    result["probe_layer_rank"] = next((r for r, L in enumerate(by_std, 1) if L["index"] == probe_layer), None)
     write_json(args.out, result)
     if args.plot:
         plot_sensitivity(result, args.plot, title=f"{name} on {args.task}: per-layer ZO sensitivity ({args.k} draws "
@@ -533,7 +535,8 @@ def sensitivity_main(argv: list[str] | None = None) -> int:
                                                   f"{len(ids[0])}, eps {args.eps:g})")
     top = result["most_sensitive_layer"]
     print(f"{name}: largest spread of g at layer {top}"
-          + (f"; probe's first outlier layer {probe_layer}" if probe_layer is not None else ""))
+          + (f"; probe's first outlier layer {probe_layer} ranks {result['probe_layer_rank']} of "
+             f"{len(by_std)} by the spread of g" if result["probe_layer_rank"] else ""))
     return 0
 
 
