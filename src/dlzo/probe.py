@@ -472,8 +472,8 @@ def plot_sensitivity(sens: dict, png_path, title: str | None = None) -> None:
     k = sens.get("probe_layer")
     for ax in (ax_g, ax_d):
         ax.grid(True, which="major", color="0.9", lw=0.6)
-        if k is not None:
-            ax.axvline(k, color="black", ls=":", lw=1.2)
+        if k is not None:  # behind the boxes and whiskers, so the marked layer's own stay visible
+            ax.axvline(k, color="0.45", ls=":", lw=1.4, zorder=0)
     if k is not None:
         ax_g.annotate(f"probe: layer {k}", xy=(k, 1.0), xycoords=("data", "axes fraction"), xytext=(3, -12),
                       textcoords="offset points", fontsize=8)
