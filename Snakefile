@@ -42,4 +42,5 @@ localrules:
 rule all:
     input:
         rules.tables.output,
+        sensitivity_outputs(),
     default_target: True

@@ -99,6 +99,9 @@ def test_tiny_dag_runs_and_second_run_has_nothing_to_do(workdir):
     assert (sp.loc[sp["method"] == "mezo-full", "speedup_step_vs_mezo"] == 1).all()
     assert (sp.loc[sp["method"] == "dominant", "layer"] == 1).all()  # the planted outlier layer
     assert (res / "probe" / "tiny-llama" / "activation_profile.png").exists()
+    sens = json.loads((res / "probe" / "tiny-llama" / "sensitivity.json").read_text())
+    assert sens["probe_layer"] == 1 and sens["k"] == 2 and len(sens["layers"]) == 4
+    assert (res / "probe" / "tiny-llama" / "sensitivity_profile.png").stat().st_size > 0
     again = snakemake(workdir, "-n", "--configfile", "workflow/configs/tiny.yaml")
     assert "Nothing to be done" in again.stdout + again.stderr
     # the report: one page with every table and figure, each with its caption
@@ -185,9 +188,14 @@ def test_minimal_reruns(workdir, tmp_path):
     # the table code: only the tables
     assert plan(touch="src/dlzo/tables.py") == tail
     assert plan(touch="src/dlzo/figures.py") == tail
-    # the ZO code: every training job and what follows it, not the data, model or probe
+    # the ZO code: every training job and what follows it, and the sensitivity profile (it draws ZO's z);
+    # not the data, model or probe
     zo = plan(touch="src/dlzo/zo.py")
-    assert zo == runs("zo_train", methods) | runs("evaluate", methods) | tail
+    assert zo == runs("zo_train", methods) | runs("evaluate", methods) | tail | {
+        ("probe_sensitivity", "model=tiny-llama"), ("all", "")}
+    # a sensitivity setting: only the profile
+    assert plan(lambda c: c["probe"]["sensitivity"].update(k=3)) == {("probe_sensitivity", "model=tiny-llama"),
+                                                                     ("all", "")}
 
 
 GPU_RULES = {"probe_outliers", "zo_train", "evaluate", "evaluate_zero_shot"}
@@ -301,8 +309,8 @@ def test_paper_config_plans_the_whole_dag_offline(workdir):
     proc = snakemake(workdir, "-n", "--quiet", "rules")
     jobs = planned_jobs(proc)
     runs = 2 * 9 * 4 + 9 * (32 + 36)  # (models x tasks x baselines) + the sweep over every layer
-    assert jobs == {"download_model": 2, "prepare_data": 9, "probe_outliers": 2, "zo_train": runs,
-                    "evaluate": runs, "evaluate_zero_shot": 18, "tables": 1, "all": 1}
+    assert jobs == {"download_model": 2, "prepare_data": 9, "probe_outliers": 2, "probe_sensitivity": 2,
+                    "zo_train": runs, "evaluate": runs, "evaluate_zero_shot": 18, "tables": 1, "all": 1}
 
 
 def test_lint_is_clean(workdir):
@@ -329,6 +337,8 @@ BAD_CONFIGS = {
     "missing-source": (lambda c: c["models"]["tiny-llama"].pop("source"), "source"),
     "bad-source": (lambda c: c["models"]["tiny-llama"].update(source="s3://bucket/model"), "source"),
     "pin-unknown-model": (lambda c: c.update(dominant_layer={"gpt5": 1}), "gpt5"),
+    "sensitivity-unknown-task": (lambda c: c["probe"]["sensitivity"].update(task="mnli"), "probe.sensitivity.task"),
+    "sensitivity-k-zero": (lambda c: c["probe"]["sensitivity"].update(k=0), "k"),
 }
 
 

@@ -9,11 +9,16 @@ Per layer, statistics are folded into small accumulators inside a forward hook (
 kept): a log-spaced histogram of |h| gives the median over every non-pad entry of the calibration
 set, whatever the batch size; the largest entries (all those over the absolute threshold, up to
 KEEP_CAP) give the max, the top-k list and the exact count of entries over both thresholds.
+
+``python -m dlzo.probe sensitivity`` writes the perturbation-sensitivity profile: per layer, K
+single-layer ZO perturbations (ZO-SGD's z) on a few training batches, the spread of the projected
+gradient and of |L(+) - L(-)| (``sensitivity``, ``plot_sensitivity``).
 """
 from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -30,7 +35,7 @@ KEEP_CAP = 100_000  # entries kept per layer for n_over; past it n_over is a low
 
 # (abs, ratio, label): the settings whose picks every probe file reports side by side
 PRESETS = [(100, 1000, "Sun et al. 2024"), (50, 100, "loose"), (100, 100, "abs 100, ratio 100"),
-           (500, 1000, "abs 500"), (1000, 1000, "abs 1000")]
+           (50, 1000, "abs 50"), (200, 1000, "abs 200"), (500, 1000, "abs 500"), (1000, 1000, "abs 1000")]
 
 # Default calibration: varied English (prose, dialogue, numbers, a list, a question) so that start
 # tokens, full stops and newlines - where massive activations sit - all occur. No network needed.
@@ -299,11 +304,251 @@ def plot_profile(probe_dict: dict, png_path, title: str | None = None) -> None:
         fig.savefig(tmp, format="png", dpi=150)
 
 
+# --- perturbation-sensitivity profile -------------------------------------------------------------
+#
+# The paper's explanation of why one layer suffices: ZO-SGD's step size along z is the projected
+# gradient g = (L(+) - L(-)) / 2eps, and for z ~ N(0, I) on one layer E[g^2] = |grad of that layer|^2.
+# So per layer, K draws of z (the same draws a ZO-SGD run with the same seed makes at steps 0..K-1)
+# on a few training batches show how strongly ZO "feels" that layer: the spread of g (its RMS
+# estimates the layer's gradient norm) and of |L(+) - L(-)|, the loss difference the two forward
+# passes must resolve (it drowns in rounding when it is tiny). Inference only.
+
+SENS_QUANTILES = (5, 25, 50, 75, 95)
+
+
+def _spread(values: list[float]) -> dict:
+    """mean, std (sample, ddof=1), median, quantiles, rms and mean |x| of a list of floats."""
+    import numpy as np
+
+    a = np.asarray(values, dtype=np.float64)
+    q = np.percentile(a, SENS_QUANTILES)
+    return {"n": int(a.size), "mean": float(a.mean()), "std": float(a.std(ddof=1)) if a.size > 1 else 0.0,
+            "median": float(q[2]), **{f"q{p:02d}": float(v) for p, v in zip(SENS_QUANTILES, q) if p != 50},
+            "rms": float(np.sqrt((a * a).mean())), "mean_abs": float(np.abs(a).mean()),
+            "min": float(a.min()), "max": float(a.max())}
+
+
+@torch.no_grad()
+def sensitivity(model, batches: list, k: int = 8, eps: float = 1e-3, seed: int = 0,
+                layers: list[int] | None = None, prefix: bool = True) -> dict:
+    """Per decoder layer: ``k`` single-layer perturbations x ``batches`` (``dlzo.objectives.Batch``).
+
+    z for draw j is what ``ZOSGD(param_groups(layer), seed=seed, restore="exact")`` draws at step j
+    (same seed, same tensor order, same generator); theta +- eps*z is set by copying the saved
+    weights back first, and the weights are copied back after each layer (also on an error), so the
+    model leaves bit for bit as it came. ``prefix``: run the frozen layers before the perturbed one
+    once per batch (``FrozenPrefix`` cache="batch") where the model allows it.
+    """
+    from dlzo.models import decoder_layers, tuned_parameters
+    from dlzo.objectives import FrozenPrefix
+    from dlzo.objectives import loss as objective_loss
+    from dlzo.zo import ZOSGD, param_groups, step_seed
+
+    if k < 1 or not batches:
+        raise DLZOError(f"the sensitivity profile needs k >= 1 and at least one batch (got k={k}, "
+                        f"{len(batches)} batches)")
+    if not eps > 0:
+        raise DLZOError(f"eps must be > 0 (got {eps})")
+    n = len(decoder_layers(model))
+    layers = list(range(n)) if layers is None else [int(i) for i in layers]
+    bad = [i for i in layers if not 0 <= i < n]
+    if bad:
+        raise DLZOError(f"layer index {bad[0]} is past the model's depth ({n} decoder layers, indices 0..{n - 1})")
+    for b in batches:
+        b.memo.clear()
+    base = [float(objective_loss(model, b)) for b in batches]
+    seeds = [step_seed(seed, j) for j in range(k)]
+    out_layers, used_prefix = [], set()
+    for i in layers:
+        named = tuned_parameters(model, "layer", i)
+        opt = ZOSGD(param_groups(named, 0.0), lr=0.0, eps=eps, seed=seed, restore="exact")  # its z draws
+        fp = FrozenPrefix(model, i, "batch") if prefix and not FrozenPrefix.supported(model, i) else None
+        used_prefix.add("batch" if fp is not None else "off")
+        for b in batches:
+            b.memo.clear()  # a cached prefix belongs to the layer it was computed for
+        params = [p for _, p in opt._params()]
+        saved = [p.detach().clone() for p in params]
+        samples = []
+        try:
+            for j, s in enumerate(seeds):
+                zs = [z for _, _, z in opt._draw(s)]
+
+                def shift(scale):
+                    for p, orig, z in zip(params, saved, zs):
+                        p.copy_(orig).add_(z, alpha=scale)
+
+                for bi, b in enumerate(batches):
+                    shift(eps)
+                    lp = float(objective_loss(model, b, fp))
+                    shift(-eps)
+                    lm = float(objective_loss(model, b, fp))
+                    if not (math.isfinite(lp) and math.isfinite(lm)):
+                        raise DLZOError(f"layer {i}, draw {j}, batch {bi}: non-finite loss L(+)={lp}, L(-)={lm} "
+                                        f"in {params[0].dtype}; use a smaller --eps or --dtype bf16/fp32")
+                    samples.append({"draw": j, "batch": bi, "loss_plus": lp, "loss_minus": lm,
+                                    "g": (lp - lm) / (2 * eps)})
+        finally:
+            for p, orig in zip(params, saved):
+                p.copy_(orig)
+            for b in batches:
+                b.memo.clear()
+        g = [r["g"] for r in samples]
+        out_layers.append({"index": i, "n_params": sum(p.numel() for p in params), "g": _spread(g),
+                           "abs_diff": _spread([abs(r["loss_plus"] - r["loss_minus"]) for r in samples]),
+                           "samples": samples})
+    top = max(out_layers, key=lambda L: L["g"]["std"])
+    return {"num_layers": n, "k": k, "eps": eps, "seed": seed, "z_seeds": seeds,
+            "prefix_cache": "batch" if used_prefix == {"batch"} else ("off" if used_prefix == {"off"} else "mixed"),
+            "base_loss": base, "layers": out_layers, "most_sensitive_layer": top["index"],
+            "stats": "g = (L(+) - L(-)) / 2eps per (draw, batch); std with ddof=1; quantiles linear "
+                     "(numpy.percentile); E[g^2] = |grad of the layer|^2, so g.rms estimates it"}
+
+
+def sensitivity_batches(tokenizer, data, task: str, n_batches: int, batch_size: int, seed: int,
+                        max_len: int, device) -> tuple[list, list[list]]:
+    """The batches a ``dlzo.train`` run with ``seed`` sees at steps 0..n_batches-1 of ``data``'s train split."""
+    from dlzo.objectives import make_batch
+    from dlzo.tasks import get_task
+    from dlzo.train import batch_indices
+
+    path = Path(data)
+    path = path / "train.jsonl" if path.is_dir() else path
+    if not path.exists():
+        raise DLZOError(f"training data {path} does not exist: run the prepare_data rule for task {task} "
+                        f"(or pass a prepared task folder / train.jsonl)")
+    rows = read_jsonl(path)
+    if not rows:
+        raise DLZOError(f"{path} holds no records")
+    if n_batches < 1 or batch_size < 1:
+        raise DLZOError(f"--batches and --batch-size must be >= 1 (got {n_batches}, {batch_size})")
+    objective = get_task(task).objective
+    bs = min(batch_size, len(rows))
+    idx = [batch_indices(len(rows), bs, seed, step).tolist() for step in range(n_batches)]
+    return [make_batch(tokenizer, [rows[i] for i in ix], objective, device, max_len) for ix in idx], \
+        [[rows[i].get("id", i) for i in ix] for ix in idx]
+
+
+def plot_sensitivity(sens: dict, png_path, title: str | None = None) -> None:
+    """Two panels on the decoder-layer axis: the projected gradient g (box: quartiles, whiskers: 5-95%,
+    bar: median, x: mean) and |L(+) - L(-)| on a log scale; the probe's layer marked. PNG, atomic."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+    from matplotlib.ticker import MaxNLocator
+
+    layers = sens["layers"]
+    x = [L["index"] for L in layers]
+    fig = Figure(figsize=(7.5, 6.6))
+    FigureCanvasAgg(fig)
+    ax_g, ax_d = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [1, 1]})
+    w = 0.6
+    for xi, L in zip(x, layers):
+        s = L["g"]
+        ax_g.plot([xi, xi], [s["q05"], s["q25"]], color="black", lw=0.9)
+        ax_g.plot([xi, xi], [s["q75"], s["q95"]], color="black", lw=0.9)
+        ax_g.add_patch(Rectangle((xi - w / 2, s["q25"]), w, s["q75"] - s["q25"], fc="white", ec="black", lw=0.9))
+        ax_g.plot([xi - w / 2, xi + w / 2], [s["median"]] * 2, color="black", lw=1.6)
+    ax_g.plot(x, [L["g"]["mean"] for L in layers], "x", color="black", ms=5, label="mean")
+    ax_g.plot(x, [L["g"]["std"] for L in layers], "--o", color="0.4", mfc="white", ms=3.5, lw=0.9,
+              label="standard deviation")
+    ax_g.axhline(0, color="0.6", lw=0.6)
+    ax_g.plot([], [], "s", mfc="white", mec="black", ms=8, label="quartiles; whiskers 5-95%")
+    ax_g.set_ylabel("projected gradient g\n(L(+) - L(-)) / 2eps")
+    ax_g.legend(fontsize=8, loc="best", frameon=True, framealpha=0.9)
+
+    d = [L["abs_diff"] for L in layers]
+    pos = lambda v: v if v > 0 else math.nan  # noqa: E731 - a log axis cannot show a zero difference
+    for xi, s in zip(x, d):
+        ax_d.plot([xi, xi], [pos(s["q05"]), pos(s["q95"])], color="black", lw=0.9)
+        ax_d.plot([xi, xi], [pos(s["q25"]), pos(s["q75"])], color="black", lw=4, solid_capstyle="butt")
+    ax_d.plot(x, [pos(s["median"]) for s in d], "o", color="black", mfc="white", ms=5,
+              label="median (bar: quartiles, line: 5-95%)")
+    ax_d.plot([xi + 0.3 for xi in x], [pos(s["mean"]) for s in d], "x", color="black", ms=4, label="mean")
+    ax_d.set_yscale("log")
+    ax_d.set_ylabel("|L(+) - L(-)|")
+    ax_d.set_xlabel("decoder layer (0-based)")
+    ax_d.legend(fontsize=8, loc="best", frameon=True, framealpha=0.9)
+    ax_d.xaxis.set_major_locator(MaxNLocator(integer=True))
+    k = sens.get("probe_layer")
+    for ax in (ax_g, ax_d):
+        ax.grid(True, which="major", color="0.9", lw=0.6)
+        if k is not None:  # behind the boxes and whiskers, so the marked layer's own stay visible
+            ax.axvline(k, color="0.45", ls=":", lw=1.4, zorder=0)
+    if k is not None:
+        ax_g.annotate(f"probe: layer {k}", xy=(k, 1.0), xycoords=("data", "axes fraction"), xytext=(3, -12),
+                      textcoords="offset points", fontsize=8)
+    n_s = layers[0]["g"]["n"]
+    nb = len(sens["base_loss"])
+    fig.suptitle(title or f"perturbation sensitivity per layer ({sens['k']} draws x {nb} batch{'es' * (nb > 1)} "
+                          f"= {n_s} per layer, eps {sens['eps']:g})", fontsize=11)
+    fig.tight_layout()
+    with atomic_path(png_path) as tmp:
+        fig.savefig(tmp, format="png", dpi=150)
+
+
+def sensitivity_main(argv: list[str] | None = None) -> int:
+    from dlzo.models import load_model, load_tokenizer
+    from dlzo.runtime import add_runtime_args, provenance, setup_runtime
+
+    ap = argparse.ArgumentParser(
+        prog="python -m dlzo.probe sensitivity",
+        description="Perturbation-sensitivity profile: per decoder layer, K single-layer ZO perturbations at "
+                    "eps on a few training batches; the spread of (L(+)-L(-))/2eps and of |L(+)-L(-)|.")
+    ap.add_argument("--model", required=True, help="model folder (config.json + weights + tokenizer)")
+    ap.add_argument("--data", required=True, help="prepared task folder (its train.jsonl) or a train.jsonl")
+    ap.add_argument("--task", required=True, help="task name (decides the objective)")
+    ap.add_argument("--out", required=True, help="sensitivity JSON to write")
+    ap.add_argument("--plot", default=None, help="also write the profile as a PNG")
+    ap.add_argument("--probe", default=None, help="probe.json: its first outlier layer is recorded and marked")
+    ap.add_argument("--k", type=int, default=8, help="perturbations (draws of z) per layer")
+    ap.add_argument("--batches", type=int, default=2, help="training batches each draw is evaluated on")
+    ap.add_argument("--batch-size", type=int, default=8, help="examples per batch")
+    ap.add_argument("--eps", type=float, default=1e-3)
+    ap.add_argument("--seed", type=int, default=0, help="z seeds and batch choice, as a training run's --seed")
+    ap.add_argument("--max-len", type=int, default=256)
+    ap.add_argument("--layers", type=int, nargs="+", default=None, help="only these layers (default: all)")
+    ap.add_argument("--prefix-cache", choices=["batch", "off"], default="batch",
+                    help="run the frozen layers before the perturbed one once per batch, or every pass")
+    add_runtime_args(ap)
+    args = ap.parse_args(argv)
+
+    started = time.time()
+    device, dtype = setup_runtime(args)
+    probe_layer = None
+    if args.probe:
+        probe_layer = read_json(args.probe, "probe file").get("first_outlier_layer")
+    model = load_model(args.model, device, dtype)
+    tokenizer = load_tokenizer(args.model)
+    batches, ids = sensitivity_batches(tokenizer, args.data, args.task, args.batches, args.batch_size, args.seed,
+                                       args.max_len, device)
+    result = sensitivity(model, batches, args.k, args.eps, args.seed, args.layers, args.prefix_cache == "batch")
+    name = Path(args.model).name
+    result.update(model=str(args.model), task=args.task, data=str(args.data), objective=batches[0].objective,
+                  batch_size=len(ids[0]), batch_ids=ids, max_len=args.max_len, probe=args.probe,
+                  probe_layer=probe_layer, provenance=provenance(device, dtype, started))
+    by_std = sorted(result["layers"], key=lambda L: -L["g"]["std"])
+    result["probe_layer_rank"] = next((r for r, L in enumerate(by_std, 1) if L["index"] == probe_layer), None)
+    write_json(args.out, result)
+    if args.plot:
+        plot_sensitivity(result, args.plot, title=f"{name} on {args.task}: per-layer ZO sensitivity ({args.k} draws "
+                                                  f"x {args.batches} batch{'es' * (args.batches > 1)} of "
+                                                  f"{len(ids[0])}, eps {args.eps:g})")
+    top = result["most_sensitive_layer"]
+    print(f"{name}: largest spread of g at layer {top}"
+          + (f"; probe's first outlier layer {probe_layer} ranks {result['probe_layer_rank']} of "
+             f"{len(by_std)} by the spread of g" if result["probe_layer_rank"] else ""))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from dlzo.models import load_model, load_tokenizer
     from dlzo.runtime import add_runtime_args, provenance, setup_runtime
 
-    ap = argparse.ArgumentParser(prog="python -m dlzo.probe", description=__doc__.split("\n\n")[0])
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["sensitivity"]:
+        return sensitivity_main(argv[1:])
+    ap = argparse.ArgumentParser(prog="python -m dlzo.probe", description=__doc__.split("\n\n")[0],
+                                 epilog="python -m dlzo.probe sensitivity --help: the perturbation-sensitivity profile")
     ap.add_argument("--model", required=True, help="model folder (config.json + weights + tokenizer)")
     ap.add_argument("--out", required=True, help="probe JSON to write")
     ap.add_argument("--calibration", nargs="+", default=None,

@@ -44,6 +44,10 @@ def _check_config():
                          f"({model_layers(model)} layers)")
     for model in config["models"]:
         sweep_layers(model)
+    task = config["probe"].get("sensitivity", {}).get("task")
+    if task is not None and task not in config["tasks"]:
+        config_error("probe.sensitivity.task", f"no task named {task} under `tasks` (its training split feeds "
+                     f"the batches); expected one of {', '.join(config['tasks'])}")
 
 
 _check_config()
@@ -80,6 +84,18 @@ def eval_outputs():
                 for seed in seeds():
                     out.append(f"{RESULTS}/eval/{model}/{task}/{method}/seed{seed}.json")
     return out
+
+
+def sensitivity_task():
+    """The task whose training split feeds the sensitivity profile: `probe.sensitivity.task` or the first task."""
+    return config["probe"].get("sensitivity", {}).get("task") or next(iter(config["tasks"]))
+
+
+def sensitivity_outputs():
+    if not config["probe"].get("sensitivity", {}).get("enabled", True):
+        return []
+    return [f"{RESULTS}/probe/{model}/{name}" for model in config["models"]
+            for name in ("sensitivity.json", "sensitivity_profile.png")]
 
 
 def train_runs():

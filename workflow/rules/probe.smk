@@ -26,3 +26,37 @@ checkpoint probe_outliers:
     shell:
         "python -m dlzo.probe --model {input.model} --out {output.json} --plot {output.png} "
         "{params.probe} {params.runtime} > {log} 2>&1"
+
+
+# The perturbation-sensitivity profile: per layer, k single-layer ZO perturbations on training batches
+# (inference only). Beside the probe; it reads the probe's JSON only to mark its layer in the figure.
+rule probe_sensitivity:
+    output:
+        json=f"{RESULTS}/probe/{{model}}/sensitivity.json",
+        png=report(f"{RESULTS}/probe/{{model}}/sensitivity_profile.png",
+                   caption="../report/sensitivity.rst", category="Probe"),
+    input:
+        model=rules.download_model.output,
+        train=lambda w: f"{RESULTS}/data/{sensitivity_task()}/train.jsonl",
+        probe=rules.probe_outliers.output.json,
+        code=src("probe", "objectives", "zo", "models", "tasks", "train"),
+    params:
+        task=lambda w: sensitivity_task(),
+        args=lambda w: " ".join(f"--{k.replace('_', '-')} {config['probe']['sensitivity'][k]}"
+                                for k in ("k", "batches", "batch_size", "eps", "max_len", "seed")),
+        runtime=runtime_args(),
+    log:
+        f"{RESULTS}/logs/probe_sensitivity/{{model}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/probe_sensitivity/{{model}}.tsv"
+    conda:
+        "../../envs/train.yaml"
+    threads: config.get("runtime", {}).get("threads") or 1
+    resources:
+        gpu=gpu_count,
+        mem_mb=mem_mb,
+        runtime=runtime_min,
+    shell:
+        "python -m dlzo.probe sensitivity --model {input.model} --data {input.train} --task {params.task} "
+        "--probe {input.probe} --out {output.json} --plot {output.png} {params.args} {params.runtime} "
+        "> {log} 2>&1"
