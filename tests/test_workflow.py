@@ -1,5 +1,6 @@
 """The Snakemake DAG for real: the whole tiny pipeline, a rerun with nothing to do, the paper's plan, lint,
 and configs that must stop before any job with the key named."""
+import json
 import os
 import re
 import shutil
@@ -50,8 +51,8 @@ def test_tiny_dag_runs_and_second_run_has_nothing_to_do(workdir):
     for name in ("accuracy.md", "accuracy.csv", "speedup.md", "speedup.csv", "layer_sweep.png"):
         assert (res / "tables" / name).stat().st_size > 0, name
     acc = pd.read_csv(res / "tables" / "accuracy.csv")
-    methods = {"zero-shot", "mezo-full", "lora-zo", "dominant", "dominant-lora", "layer-0", "layer-2",
-               "best layer (dev)"}
+    methods = {"zero-shot", "mezo-full", "lora-zo", "dominant", "dominant-lora", "sparse-mezo", "fo-adamw",
+               "fo-layer-2", "layer-0", "layer-2", "best layer (dev)"}
     assert set(acc["method"]) == methods
     assert set(acc["task"]) == {"sst2", "squad", "avg"}
     assert acc["mean"].between(0, 100).all()
@@ -59,6 +60,9 @@ def test_tiny_dag_runs_and_second_run_has_nothing_to_do(workdir):
     assert (sp.loc[sp["method"] == "mezo-full", "speedup_step_vs_mezo"] == 1).all()
     assert (sp.loc[sp["method"] == "dominant", "layer"] == 1).all()  # the planted outlier layer
     assert (res / "probe" / "tiny-llama" / "activation_profile.png").exists()
+    for method in ("mezo-full", "fo-adamw", "fo-layer-2", "sparse-mezo"):  # every run logs both memory peaks
+        log = json.loads((res / "train/tiny-llama/sst2" / method / "seed0/log.json").read_text())
+        assert 0 < log["inference_peak_mb"] <= log["peak_memory_mb"], method
     again = snakemake(workdir, "-n", "--configfile", "workflow/configs/tiny.yaml")
     assert "Nothing to be done" in again.stdout + again.stderr
 
@@ -106,7 +110,8 @@ def test_minimal_reruns(workdir, tmp_path):
     assert lora == runs("zo_train", ["lora-zo"]) | runs("evaluate", ["lora-zo"]) | tail
     # a new task: its data, its runs, its zero-shot evaluation, the tables; nothing else
     cb = plan(lambda c: c["tasks"].update(cb={"source": "local:tests/fixtures", "train": 4, "dev": 2, "test": 4}))
-    methods = ["mezo-full", "lora-zo", "dominant", "dominant-lora", "layer-0", "layer-2"]
+    methods = ["mezo-full", "lora-zo", "dominant", "dominant-lora", "sparse-mezo", "fo-adamw", "fo-layer-2",
+               "layer-0", "layer-2"]
     assert cb == ({("prepare_data", "task=cb"), ("evaluate_zero_shot", "model=tiny-llama, task=cb")}
                   | runs("zo_train", methods, ["cb"]) | runs("evaluate", methods, ["cb"]) | tail)
     # the table code: only the tables
@@ -119,7 +124,7 @@ def test_minimal_reruns(workdir, tmp_path):
 def test_paper_config_plans_the_whole_dag_offline(workdir):
     proc = snakemake(workdir, "-n", "--quiet", "rules")
     jobs = planned_jobs(proc)
-    runs = 2 * 9 * 4 + 9 * (32 + 36)  # (models x tasks x baselines) + the sweep over every layer
+    runs = 2 * 9 * 7 + 9 * (32 + 36)  # (models x tasks x baselines, FO and Sparse-MeZO too) + every layer
     assert jobs == {"download_model": 2, "prepare_data": 9, "probe_outliers": 2, "zo_train": runs,
                     "evaluate": runs, "evaluate_zero_shot": 18, "tables": 1, "all": 1}
 
@@ -148,6 +153,10 @@ BAD_CONFIGS = {
     "missing-source": (lambda c: c["models"]["tiny-llama"].pop("source"), "source"),
     "bad-source": (lambda c: c["models"]["tiny-llama"].update(source="s3://bucket/model"), "source"),
     "pin-unknown-model": (lambda c: c.update(dominant_layer={"gpt5": 1}), "gpt5"),
+    "fo-layer-past-depth": (lambda c: c["methods"].append("fo-layer-4"), "fo-layer-4"),
+    "fo-without-hyper": (lambda c: c["train"]["hyper"].pop("fo"), "train.hyper.fo"),
+    "sparsity-one": (lambda c: c["train"]["hyper"]["sparse"].update(sparsity=1.0), "sparsity"),
+    "fo-epochs-and-steps": (lambda c: c["train"]["hyper"]["fo"].update(steps=3), "fo"),
 }
 
 
