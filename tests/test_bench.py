@@ -27,3 +27,45 @@ def test_json_fields_and_ratios(tmp_path, monkeypatch, tiny_model):
     assert r["speedup_vs_mezo"] == pytest.approx(4.0) and r["overhead_vs_floor"] == pytest.approx(1.25)
     assert r["inference_peak_mb"] == 101.0 and set(r["peak_mb"]) == {"mezo_faithful_full", "full", "layer", "floor"}
     assert r["shape"] == [16, 32] and res["copa/layer-3"]["shape"] == [16, 16]
+
+
+def test_memory_mode_rows_and_ratios(tmp_path, monkeypatch, tiny_model):
+    """--memory: one row per method (layer rows per --layers), ratios to inference, raw and net of the runtime."""
+    peaks = {"inference": 1000.0, "mezo_full": 1100.0, "full": 1050.0, "sparse_mezo": 1150.0, "fo_full": 2800.0,
+             "layer": 1010.0, "fo_layer": 1300.0}
+    calls = []
+
+    def fake(mode, model_dir, layer, shape, *a):
+        calls.append((mode, layer, tuple(shape)))
+        return {"s": 1.0, "peak_mb": peaks[mode] + layer, "base_mb": 400.0, "tuned_params": 1}
+
+    monkeypatch.setattr(bench, "run_mode", fake)
+    assert bench.main(["--memory", "--model", str(tiny_model), "--out", str(tmp_path / "m.json"),
+                       "--layers", "3", "1", "--shapes", "sst2"]) == 0
+    res = json.loads((tmp_path / "m.json").read_text())
+    assert res["bench"] == "memory" and set(res["results"]) == {"sst2"}
+    rows = res["results"]["sst2"]["methods"]
+    assert set(rows) == {"inference", "mezo-full", "mezo-full-fused", "sparse-mezo", "fo-adamw", "layer-3", "layer-1",
+                         "fo-layer-3", "fo-layer-1"}
+    assert res["results"]["sst2"]["shape"] == [16, 32] and {c[2] for c in calls} == {(16, 32)}
+    inf = 1000.0 + 3  # the shared rows run with the first layer given
+    assert rows["fo-adamw"]["vs_inference"] == pytest.approx((2800 + 3) / inf)
+    assert rows["fo-adamw"]["vs_inference_net"] == pytest.approx((2800 + 3 - 400) / (inf - 400))
+    assert rows["layer-1"]["vs_inference"] == pytest.approx(1011 / inf) and rows["inference"]["vs_inference"] == 1
+
+
+def test_memory_modes_report_what_they_tune(tiny_model):
+    """The FO and Sparse-MeZO modes tune what the pipeline's methods tune; FO keeps fp32 weights."""
+    out = {}
+    for mode in ("fo_full", "fo_layer", "sparse_mezo", "layer"):
+        q = queue.Queue()
+        bench._measure(mode, str(tiny_model), 2, (4, 12), 1, "cpu", "auto", 1, q, 0.75)
+        out[mode] = q.get_nowait()
+    from dlzo.models import load_model
+    import torch
+
+    model = load_model(tiny_model, torch.device("cpu"), torch.float32)
+    layer2 = sum(p.numel() for p in model.model.layers[2].parameters())
+    assert out["fo_full"]["tuned_params"] == model.num_parameters() > out["sparse_mezo"]["tuned_params"]
+    assert out["fo_layer"]["tuned_params"] == out["layer"]["tuned_params"] == layer2
+    assert out["fo_full"]["weights_dtype"] == "float32" and out["fo_full"]["amp"] == "off"

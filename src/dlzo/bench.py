@@ -14,6 +14,19 @@ In one run, on batches shaped like SST-2 (16 x 32 tokens) and COPA (16 x 16 toke
   speedup_vs_mezo = mezo_faithful_full_s / layer_s;  overhead_vs_floor = layer_s / floor_s
 Each mode runs in a fresh process, so its peak memory (GPU: max allocated; CPU: peak RSS) is its own;
 ``inference_peak_mb`` is plain inference on the same batch. Step times are medians over --steps.
+
+    python -m dlzo.bench --memory --model <model dir> --out memory.json [--layers 11 1] [--shapes sst2]
+
+The memory comparison of the paper's methods, each step as the pipeline runs it, at the same batch:
+inference, mezo-full (MeZO's step as its trainer writes it: out-of-place arithmetic, whose temporaries
+of the largest tensor cost memory), mezo-full-fused (the same maths in place, ``--restore fused``),
+sparse-mezo (mezo-full with fixed magnitude masks, one byte a parameter), dominant-layer ZO (``layer-<i>``: exact restore, frozen prefix cached), fo-adamw
+(backprop + AdamW on every parameter) and fo-layer-<i> (AdamW on layer i only). Per method:
+``peak_mb``, ``vs_inference`` = peak_mb / inference's, and ``vs_inference_net``, the same ratio after
+taking off each process's memory before the model was loaded (CPU: the Python and torch runtime's
+RSS, a few hundred MB that every method pays alike; GPU: zero). Weights are fp32 on CPU; on GPU the
+ZO rows and inference use the runtime dtype (fp16 by default) and the FO rows fp32 master weights
+under bf16 autocast, as dlzo.train runs them.
 """
 from __future__ import annotations
 
@@ -29,7 +42,11 @@ import torch
 from dlzo.io import read_json, write_json
 
 SHAPES = {"sst2": (16, 32), "copa": (16, 16)}
-MODES = ("inference", "mezo_faithful_full", "full", "layer", "floor")
+MODES = ("inference", "mezo_faithful_full", "full", "layer", "floor", "mezo_full", "sparse_mezo", "fo_full", "fo_layer")
+# --memory: method name -> bench mode; layer modes get one row per --layers entry
+MEMORY_ROWS = {"inference": "inference", "mezo-full": "mezo_full", "mezo-full-fused": "full",
+               "sparse-mezo": "sparse_mezo", "fo-adamw": "fo_full"}
+MEMORY_LAYER_ROWS = {"layer-{}": "layer", "fo-layer-{}": "fo_layer"}
 
 
 def _batch(tokenizer_vocab: int, n: int, t: int, device, seed: int = 0):
@@ -50,16 +67,21 @@ def _sync(device):
 
 
 def _measure(mode: str, model_dir: str, layer: int, shape: tuple[int, int], steps: int, device_name: str,
-             dtype_name: str, threads: int | None, queue) -> None:
+             dtype_name: str, threads: int | None, queue, sparsity: float = 0.75) -> None:
     """One mode in its own process: median seconds per step and peak memory."""
     from dlzo.models import load_model
     from dlzo.objectives import FrozenPrefix, loss
-    from dlzo.runtime import peak_memory_mb, pick_device, pick_dtype, set_threads
-    from dlzo.zo import ZOSGD
+    from dlzo.runtime import peak_memory_mb, pick_device, set_threads
+    from dlzo.train import amp_context, weights_dtype
+    from dlzo.zo import ZOSGD, param_groups
 
     set_threads(threads)
     device = pick_device(device_name)
-    dtype = pick_dtype(dtype_name, device)
+    fo = mode.startswith("fo_")
+    kind = {"fo_full": "fo-full", "fo_layer": "fo-layer"}.get(mode, "mezo-full")
+    dtype = weights_dtype(dtype_name, device, kind)
+    amp_name, amp = amp_context("auto", device, kind)
+    base_mb = peak_memory_mb(device)  # the runtime before any model: every mode pays it alike
     model = load_model(model_dir, device, dtype)
     batch = _batch(model.config.vocab_size, *shape, device)
     if device.type == "cuda":
@@ -75,23 +97,50 @@ def _measure(mode: str, model_dir: str, layer: int, shape: tuple[int, int], step
                      use_cache=False).loss
 
     prefix = None
-    if mode in ("layer", "floor"):
+    if mode in ("layer", "floor", "fo_layer"):
         prefix = FrozenPrefix(model, layer, "dataset")
-        prefix.fill([batch])
+        with torch.no_grad(), amp():
+            prefix.fill([batch])
+    tuned = model.num_parameters()
     if mode == "inference":
         run = lambda: loss(model, batch)  # noqa: E731
     elif mode == "floor":
         def run():
             batch.memo.clear()
             return loss(model, batch, prefix), loss(model, batch, prefix)
+    elif fo:  # as dlzo.train's first-order loop: forward (autocast on GPU), backward, clip, AdamW
+        named = (list(model.named_parameters()) if mode == "fo_full"
+                 else list(prefix.layers[layer].named_parameters()))
+        params = [p for _, p in named]
+        for p in params:
+            p.requires_grad_(True)
+        tuned = sum(p.numel() for p in params)
+        opt = torch.optim.AdamW(param_groups(named, 0.0), lr=1e-6, weight_decay=0.0)
+
+        def run():
+            batch.memo.clear()
+            with torch.enable_grad():
+                with amp():
+                    value = loss(model, batch, prefix)
+                value.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return value.item()
     else:
         if mode == "layer":
             params = list(prefix.layers[layer].parameters())
+            tuned = sum(p.numel() for p in params)
             opt = ZOSGD(params, lr=1e-6, eps=1e-3, seed=0, restore="exact")
             closure = lambda: loss(model, batch, prefix)  # noqa: E731
+        elif mode == "sparse_mezo":
+            opt = ZOSGD(param_groups(model.named_parameters(), 0.0, sparsity), lr=1e-6, eps=1e-3, seed=0,
+                        restore="mezo")
+            tuned = sum(int(m.sum()) for g in opt.param_groups for m in g["masks"])
+            closure = lambda: loss(model, batch)  # noqa: E731
         else:
             opt = ZOSGD(model.parameters(), lr=1e-6, eps=1e-3, seed=0,
-                        restore="mezo" if mode == "mezo_faithful_full" else "fused")
+                        restore="mezo" if mode in ("mezo_faithful_full", "mezo_full") else "fused")
             closure = full_logits_loss if mode == "mezo_faithful_full" else (lambda: loss(model, batch))
 
         def run():
@@ -99,20 +148,22 @@ def _measure(mode: str, model_dir: str, layer: int, shape: tuple[int, int], step
             return opt.step(closure)
     times = []
     with torch.no_grad():
-        for i in range(steps + 1):  # the first is warm-up
+        for i in range(steps + 1):  # the first is warm-up (and allocates AdamW's states)
             _sync(device)
             t0 = time.perf_counter()
             run()
             _sync(device)
             if i:
                 times.append(time.perf_counter() - t0)
-    queue.put({"s": statistics.median(times), "peak_mb": peak_memory_mb(device)})
+    queue.put({"s": statistics.median(times), "peak_mb": peak_memory_mb(device), "base_mb": base_mb,
+               "tuned_params": tuned, "weights_dtype": str(dtype).replace("torch.", ""), "amp": amp_name})
 
 
-def run_mode(mode, model_dir, layer, shape, steps, device, dtype, threads) -> dict:
+def run_mode(mode, model_dir, layer, shape, steps, device, dtype, threads, sparsity=0.75) -> dict:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_measure, args=(mode, model_dir, layer, shape, steps, device, dtype, threads, queue))
+    proc = ctx.Process(target=_measure,
+                       args=(mode, model_dir, layer, shape, steps, device, dtype, threads, queue, sparsity))
     proc.start()
     result = queue.get(timeout=3600)
     proc.join()
@@ -142,6 +193,28 @@ def bench(model_dir: str, layers: list[int], steps: int, device: str, dtype: str
     return out
 
 
+def memory_bench(model_dir: str, layers: list[int], shapes: list[str], steps: int, device: str, dtype: str,
+                 threads: int | None, sparsity: float) -> dict:
+    """Peak memory of each method's step against inference on the same batch, one fresh process each."""
+    out = {"bench": "memory", "model": model_dir, "steps": steps, "device": device, "dtype": dtype,
+           "threads": threads, "layers": layers, "sparsity": sparsity, "results": {}}
+    for shape_name in shapes:
+        rows = {name: run_mode(mode, model_dir, layers[0], SHAPES[shape_name], steps, device, dtype, threads,
+                               sparsity) for name, mode in MEMORY_ROWS.items()}
+        for layer in layers:
+            for name, mode in MEMORY_LAYER_ROWS.items():
+                rows[name.format(layer)] = run_mode(mode, model_dir, layer, SHAPES[shape_name], steps, device, dtype,
+                                                    threads, sparsity)
+        inf = rows["inference"]
+        for r in rows.values():
+            r["vs_inference"] = r["peak_mb"] / inf["peak_mb"]
+            r["vs_inference_net"] = (r["peak_mb"] - r["base_mb"]) / (inf["peak_mb"] - inf["base_mb"])
+        out["results"][shape_name] = {"shape": list(SHAPES[shape_name]), "methods": rows}
+        print(f"{shape_name} {SHAPES[shape_name]}: " + ", ".join(
+            f"{k} {r['peak_mb']:.0f} MB ({r['vs_inference']:.2f}x)" for k, r in rows.items()), file=sys.stderr)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
@@ -152,13 +225,19 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--memory", action="store_true", help="the memory comparison of the methods (see above)")
+    ap.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=list(SHAPES), help="--memory: batch shapes")
+    ap.add_argument("--sparsity", type=float, default=0.75, help="--memory: sparse-mezo's frozen fraction")
     a = ap.parse_args(argv)
     layers = list(a.layers)
     if a.probe:
         first = read_json(a.probe, "probe result").get("first_outlier_layer")
         if first is not None and first not in layers:
             layers.append(first)
-    res = bench(a.model, layers, a.steps, a.device, a.dtype, a.threads)
+    if a.memory:
+        res = memory_bench(a.model, layers, a.shapes, a.steps, a.device, a.dtype, a.threads, a.sparsity)
+    else:
+        res = bench(a.model, layers, a.steps, a.device, a.dtype, a.threads)
     write_json(a.out, res)
     print(json.dumps(res, indent=2))
     return 0

@@ -55,10 +55,15 @@ def magnitude_mask(p: torch.Tensor, sparsity: float) -> torch.Tensor:
     """
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
-    mag = p.detach().abs().reshape(-1).float()
-    k = max(1, math.ceil((1.0 - sparsity) * mag.numel()))  # kthvalue, not quantile: no size limit
-    h = mag.kthvalue(k).values
-    return (mag <= h).view(p.shape)
+    # the threshold on the host, selected in place: one copy of the tensor at a time (torch.kthvalue would
+    # add a sorted copy and int64 indices, and torch.quantile refuses tensors over 16M elements)
+    mag = np.abs(p.detach().to("cpu", torch.float32).reshape(-1).numpy())
+    k = max(1, math.ceil((1.0 - sparsity) * mag.size))
+    mag.partition(k - 1)
+    h = float(mag[k - 1])  # a value of the tensor itself, so exact in its dtype
+    del mag
+    w = p.detach()
+    return (w <= h) & (w >= -h)
 
 
 def param_groups(named_params: Iterable[tuple[str, torch.nn.Parameter]], weight_decay: float,
@@ -142,7 +147,8 @@ class ZOSGD(torch.optim.Optimizer):
 
     @staticmethod
     def _decay(p: torch.Tensor, wd: float, mask: torch.Tensor | None) -> torch.Tensor:
-        return p * wd if mask is None else p * wd * mask
+        # masked: decay only the selected weights (at wd == 0 the term is +-0 anyway: no extra tensor)
+        return p * wd if mask is None or not wd else p * wd * mask
 
     @staticmethod
     def _apply_update(p: torch.Tensor, z: torch.Tensor, g: float, lr: float, wd: float, mask=None) -> None:
