@@ -1,25 +1,35 @@
 """dlzo.bench: every mode runs on the tiny model, and the JSON carries the fields and ratios promised."""
 import json
+
 import pytest
 
 from dlzo import bench
 
 
-def test_every_mode_measures_round_robin(tiny_model):
+def test_every_mode_measures(tiny_model):
     specs = {m: (m, 1) for m in bench.MODES}
     specs["layer@2"] = ("layer", 2)
     res = bench.measure_modes(specs, str(tiny_model), (4, 12), 2, "cpu", "fp32", 1)
     assert set(res) == set(specs)
     for r in res.values():
-        assert r["s"] > 0 and r["peak_mb"] > 0
+        assert r["s"] > 0 and r["peak_mb"] > 0 and r["tuned_params"] > 0
+
+
+def _fake_measure(values):
+    calls = []
+
+    def fake(specs, model_dir, shape, *a, **k):
+        calls.append((dict(specs), tuple(shape), k.get("concurrent", True)))
+        return {name: {"s": values[mode], "peak_mb": 100.0 + values[mode] + layer, "base_mb": 40.0, "tuned_params": 1}
+                for name, (mode, layer) in specs.items()}
+
+    return fake, calls
 
 
 def test_json_fields_and_ratios(tmp_path, monkeypatch, tiny_model):
-    fake = {"inference": 1.0, "mezo_faithful_full": 8.0, "full": 6.0, "layer": 2.0, "layer_paired": 1.8, "floor": 1.6}
-    def fake_measure(specs, *a):
-        return {name: {"s": fake[mode], "peak_mb": 100.0 + fake[mode]} for name, (mode, _) in specs.items()}
-
-    monkeypatch.setattr(bench, "measure_modes", fake_measure)
+    fake, calls = _fake_measure({"inference": 1.0, "mezo_faithful_full": 8.0, "full": 6.0, "layer": 2.0,
+                                 "layer_paired": 1.6, "floor": 1.6})
+    monkeypatch.setattr(bench, "measure_modes", fake)
     probe = tmp_path / "probe.json"
     probe.write_text(json.dumps({"first_outlier_layer": 3}))
     assert bench.main(["--model", str(tiny_model), "--out", str(tmp_path / "b.json"), "--probe", str(probe)]) == 0
@@ -27,5 +37,42 @@ def test_json_fields_and_ratios(tmp_path, monkeypatch, tiny_model):
     assert set(res) == {"sst2/layer-1", "sst2/layer-3", "copa/layer-1", "copa/layer-3"}
     r = res["sst2/layer-1"]
     assert r["speedup_vs_mezo"] == pytest.approx(4.0) and r["overhead_vs_floor"] == pytest.approx(1.25)
-    assert r["inference_peak_mb"] == 101.0 and set(r["peak_mb"]) == {"mezo_faithful_full", "full", "layer", "floor"}
+    assert r["paired_vs_layer"] == pytest.approx(1.25) and r["full_vs_mezo"] == pytest.approx(8 / 6)
+    assert r["inference_peak_mb"] == 102.0 and set(r["peak_mb"]) == {"mezo_faithful_full", "full", "layer", "floor"}
     assert r["shape"] == [16, 32] and res["copa/layer-3"]["shape"] == [16, 16]
+    assert all(c[2] for c in calls)  # timing: every mode of a shape side by side, round-robin
+
+
+def test_memory_mode_rows_and_ratios(tmp_path, monkeypatch, tiny_model):
+    """--memory: one row per method (layer rows per --layers), ratios to inference, raw and net of the runtime."""
+    fake, calls = _fake_measure({"inference": 1000.0, "mezo_full": 1100.0, "full": 1050.0, "sparse_mezo": 1150.0,
+                                 "fo_full": 2800.0, "layer": 1010.0, "fo_layer": 1300.0})
+    monkeypatch.setattr(bench, "measure_modes", fake)
+    assert bench.main(["--memory", "--model", str(tiny_model), "--out", str(tmp_path / "m.json"),
+                       "--layers", "3", "1", "--shapes", "sst2"]) == 0
+    res = json.loads((tmp_path / "m.json").read_text())
+    assert res["bench"] == "memory" and set(res["results"]) == {"sst2"}
+    rows = res["results"]["sst2"]["methods"]
+    assert set(rows) == {"inference", "mezo-full", "mezo-full-fused", "sparse-mezo", "fo-adamw", "layer-3", "layer-1",
+                         "fo-layer-3", "fo-layer-1"}
+    assert res["results"]["sst2"]["shape"] == [16, 32] and [c[1] for c in calls] == [(16, 32)]
+    assert calls[0][2] is False  # memory: one process after the other
+    inf = 100.0 + 1000.0 + 3  # the shared rows run with the first layer given
+    assert rows["fo-adamw"]["vs_inference"] == pytest.approx((100 + 2800 + 3) / inf)
+    assert rows["fo-adamw"]["vs_inference_net"] == pytest.approx((100 + 2800 + 3 - 40) / (inf - 40))
+    assert rows["layer-1"]["vs_inference"] == pytest.approx(1111 / inf) and rows["inference"]["vs_inference"] == 1
+
+
+def test_memory_modes_report_what_they_tune(tiny_model):
+    """The FO and Sparse-MeZO modes tune what the pipeline's methods tune; FO keeps fp32 weights."""
+    import torch
+
+    from dlzo.models import load_model
+
+    specs = {m: (m, 2) for m in ("fo_full", "fo_layer", "sparse_mezo", "layer")}
+    out = bench.measure_modes(specs, str(tiny_model), (4, 12), 1, "cpu", "auto", 1, 0.75, concurrent=False)
+    model = load_model(tiny_model, torch.device("cpu"), torch.float32)
+    layer2 = sum(p.numel() for p in model.model.layers[2].parameters())
+    assert out["fo_full"]["tuned_params"] == model.num_parameters() > out["sparse_mezo"]["tuned_params"]
+    assert out["fo_layer"]["tuned_params"] == out["layer"]["tuned_params"] == layer2
+    assert out["fo_full"]["weights_dtype"] == "float32" and out["fo_full"]["amp"] == "off"

@@ -77,6 +77,12 @@ def test_method_names():
     assert parse_method("layer-12") == ("layer", 12)
     assert parse_method("layer-3-lora") == ("layer-lora", 3)
     assert parse_method("dominant") == ("dominant", None)
+    assert parse_method("fo-adamw") == ("fo-full", None)
+    assert parse_method("fo-layer-7") == ("fo-layer", 7)
+    assert parse_method("sparse-mezo") == ("sparse-mezo", None)
+    for bad in ("fo-layer", "fo-layer-1-lora", "sparse"):
+        with pytest.raises(DLZOError, match="unknown method"):
+            parse_method(bad)
     with pytest.raises(DLZOError, match="unknown method"):
         parse_method("layer12")
 

@@ -90,8 +90,8 @@ def test_tiny_dag_runs_and_second_run_has_nothing_to_do(workdir):
         assert (res / "tables" / name).stat().st_size > 0, name
     assert "Benchmark cross-check: every run agrees" in (res / "tables" / "speedup.md").read_text()
     acc = pd.read_csv(res / "tables" / "accuracy.csv")
-    methods = {"zero-shot", "mezo-full", "lora-zo", "dominant", "dominant-lora", "layer-0", "layer-2",
-               "best layer (dev)"}
+    methods = {"zero-shot", "mezo-full", "lora-zo", "dominant", "dominant-lora", "sparse-mezo", "fo-adamw",
+               "fo-layer-2", "layer-0", "layer-2", "best layer (dev)"}
     assert set(acc["method"]) == methods
     assert set(acc["task"]) == {"sst2", "squad", "avg"}
     assert acc["mean"].between(0, 100).all()
@@ -102,6 +102,9 @@ def test_tiny_dag_runs_and_second_run_has_nothing_to_do(workdir):
     sens = json.loads((res / "probe" / "tiny-llama" / "sensitivity.json").read_text())
     assert sens["probe_layer"] == 1 and sens["k"] == 2 and len(sens["layers"]) == 4
     assert (res / "probe" / "tiny-llama" / "sensitivity_profile.png").stat().st_size > 0
+    for method in ("mezo-full", "fo-adamw", "fo-layer-2", "sparse-mezo"):  # every run logs both memory peaks
+        log = json.loads((res / "train/tiny-llama/sst2" / method / "seed0/log.json").read_text())
+        assert 0 < log["inference_peak_mb"] <= log["peak_memory_mb"], method
     again = snakemake(workdir, "-n", "--configfile", "workflow/configs/tiny.yaml")
     assert "Nothing to be done" in again.stdout + again.stderr
     # the report: one page with every table and figure, each with its caption
@@ -182,7 +185,8 @@ def test_minimal_reruns(workdir, tmp_path):
     # a new task: its data, its runs, its zero-shot evaluation, the tables; nothing else
     cb = plan(lambda c: c["tasks"].update(cb={"source": "local:tests/fixtures", "train": 4, "dev": 2, "test": 4}),
               what="tasks (adding cb)")
-    methods = ["mezo-full", "lora-zo", "dominant", "dominant-lora", "layer-0", "layer-2"]
+    methods = ["mezo-full", "lora-zo", "dominant", "dominant-lora", "sparse-mezo", "fo-adamw", "fo-layer-2",
+               "layer-0", "layer-2"]
     assert cb == ({("prepare_data", "task=cb"), ("evaluate_zero_shot", "model=tiny-llama, task=cb")}
                   | runs("zo_train", methods, ["cb"]) | runs("evaluate", methods, ["cb"]) | tail)
     # the table code: only the tables
@@ -308,9 +312,10 @@ def test_tiny_dag_through_the_slurm_executor_plugin(tmp_path_factory):
 def test_paper_config_plans_the_whole_dag_offline(workdir):
     proc = snakemake(workdir, "-n", "--quiet", "rules")
     jobs = planned_jobs(proc)
-    runs = 2 * 9 * 4 + 9 * (32 + 36)  # (models x tasks x baselines) + the sweep over every layer
+    runs = 2 * 9 * 7 + 9 * (32 + 36)  # (models x tasks x baselines, FO and Sparse-MeZO too) + every layer
     assert jobs == {"download_model": 2, "prepare_data": 9, "probe_outliers": 2, "probe_sensitivity": 2,
-                    "zo_train": runs, "evaluate": runs, "evaluate_zero_shot": 18, "tables": 1, "all": 1}
+                    "zo_train": runs,
+                    "evaluate": runs, "evaluate_zero_shot": 18, "tables": 1, "all": 1}
 
 
 def test_lint_is_clean(workdir):
@@ -339,6 +344,10 @@ BAD_CONFIGS = {
     "pin-unknown-model": (lambda c: c.update(dominant_layer={"gpt5": 1}), "gpt5"),
     "sensitivity-unknown-task": (lambda c: c["probe"]["sensitivity"].update(task="mnli"), "probe.sensitivity.task"),
     "sensitivity-k-zero": (lambda c: c["probe"]["sensitivity"].update(k=0), "k"),
+    "fo-layer-past-depth": (lambda c: c["methods"].append("fo-layer-4"), "fo-layer-4"),
+    "fo-without-hyper": (lambda c: c["train"]["hyper"].pop("fo"), "train.hyper.fo"),
+    "sparsity-one": (lambda c: c["train"]["hyper"]["sparse"].update(sparsity=1.0), "sparsity"),
+    "fo-epochs-and-steps": (lambda c: c["train"]["hyper"]["fo"].update(steps=3), "fo"),
 }
 
 

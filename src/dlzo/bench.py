@@ -16,7 +16,21 @@ In one run, on batches shaped like SST-2 (16 x 32 tokens) and COPA (16 x 16 toke
   speedup_vs_mezo = mezo_faithful_full_s / layer_s;  overhead_vs_floor = layer_s / floor_s
 Each mode runs in its own process, so its peak memory (GPU: max allocated; CPU: peak RSS) is its own;
 ``inference_peak_mb`` is plain inference on the same batch. Step times are medians over --steps, taken
-round-robin (one step of each mode in turn) so that machine noise hits every mode alike.
+round-robin (one step of each mode in turn, one process computing at a time) so that machine noise
+hits every mode alike.
+
+    python -m dlzo.bench --memory --model <model dir> --out memory.json [--layers 11 1] [--shapes sst2]
+
+The memory comparison of the paper's methods, each step as the pipeline runs it, at the same batch:
+inference, mezo-full (MeZO's step as its trainer writes it: out-of-place arithmetic, whose temporaries
+of the largest tensor cost memory), mezo-full-fused (the same maths in place, ``--restore fused``),
+sparse-mezo (mezo-full with fixed magnitude masks, one byte a parameter), dominant-layer ZO (``layer-<i>``: exact restore, frozen prefix cached), fo-adamw
+(backprop + AdamW on every parameter) and fo-layer-<i> (AdamW on layer i only). Per method:
+``peak_mb``, ``vs_inference`` = peak_mb / inference's, and ``vs_inference_net``, the same ratio after
+taking off each process's memory before the model was loaded (CPU: the Python and torch runtime's
+RSS, a few hundred MB that every method pays alike; GPU: zero). Weights are fp32 on CPU; on GPU the
+ZO rows and inference use the runtime dtype (fp16 by default) and the FO rows fp32 master weights
+under bf16 autocast, as dlzo.train runs them.
 """
 from __future__ import annotations
 
@@ -32,7 +46,12 @@ import torch
 from dlzo.io import read_json, write_json
 
 SHAPES = {"sst2": (16, 32), "copa": (16, 16)}
-MODES = ("inference", "mezo_faithful_full", "full", "layer", "layer_paired", "floor")
+MODES = ("inference", "mezo_faithful_full", "full", "layer", "layer_paired", "floor", "mezo_full", "sparse_mezo",
+         "fo_full", "fo_layer")
+# --memory: method name -> bench mode; layer modes get one row per --layers entry
+MEMORY_ROWS = {"inference": "inference", "mezo-full": "mezo_full", "mezo-full-fused": "full",
+               "sparse-mezo": "sparse_mezo", "fo-adamw": "fo_full"}
+MEMORY_LAYER_ROWS = {"layer-{}": "layer", "fo-layer-{}": "fo_layer"}
 
 
 def _batch(tokenizer_vocab: int, n: int, t: int, device, seed: int = 0):
@@ -53,16 +72,22 @@ def _sync(device):
 
 
 def _worker(mode: str, model_dir: str, layer: int, shape: tuple[int, int], device_name: str, dtype_name: str,
-            threads: int | None, conn) -> None:
-    """One mode in its own process (so its peak memory is its own); times one step per "step" message."""
+            threads: int | None, sparsity: float, conn) -> None:
+    """One mode in its own process (its peak memory is its own): set up, say "ready", then time one step
+    per "step" message; on "stop", report peak memory and what was tuned."""
     from dlzo.models import load_model
     from dlzo.objectives import FrozenPrefix, loss, paired_loss
-    from dlzo.runtime import peak_memory_mb, pick_device, pick_dtype, set_threads
-    from dlzo.zo import ZOSGD
+    from dlzo.runtime import peak_memory_mb, pick_device, set_threads
+    from dlzo.train import amp_context, weights_dtype
+    from dlzo.zo import ZOSGD, param_groups
 
     set_threads(threads)
     device = pick_device(device_name)
-    dtype = pick_dtype(dtype_name, device)
+    fo = mode.startswith("fo_")
+    kind = {"fo_full": "fo-full", "fo_layer": "fo-layer"}.get(mode, "mezo-full")
+    dtype = weights_dtype(dtype_name, device, kind)
+    amp_name, amp = amp_context("auto", device, kind)
+    base_mb = peak_memory_mb(device)  # the runtime before any model: every mode pays it alike
     model = load_model(model_dir, device, dtype)
     batch = _batch(model.config.vocab_size, *shape, device)
     if device.type == "cuda":
@@ -78,23 +103,50 @@ def _worker(mode: str, model_dir: str, layer: int, shape: tuple[int, int], devic
                      use_cache=False).loss
 
     prefix = None
-    if mode in ("layer", "layer_paired", "floor"):
+    if mode in ("layer", "layer_paired", "floor", "fo_layer"):
         prefix = FrozenPrefix(model, layer, "dataset")
-        prefix.fill([batch])
+        with torch.no_grad(), amp():
+            prefix.fill([batch])
+    tuned = model.num_parameters()
     if mode == "inference":
         run = lambda: loss(model, batch)  # noqa: E731
     elif mode == "floor":
         def run():
             batch.memo.clear()
             return loss(model, batch, prefix), loss(model, batch, prefix)
+    elif fo:  # as dlzo.train's first-order loop: forward (autocast on GPU), backward, clip, AdamW
+        named = (list(model.named_parameters()) if mode == "fo_full"
+                 else list(prefix.layers[layer].named_parameters()))
+        params = [p for _, p in named]
+        for p in params:
+            p.requires_grad_(True)
+        tuned = sum(p.numel() for p in params)
+        opt = torch.optim.AdamW(param_groups(named, 0.0), lr=1e-6, weight_decay=0.0)
+
+        def run():
+            batch.memo.clear()
+            with torch.enable_grad():
+                with amp():
+                    value = loss(model, batch, prefix)
+                value.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return value.item()
     else:
         if mode in ("layer", "layer_paired"):
             params = list(prefix.layers[layer].parameters())
+            tuned = sum(p.numel() for p in params)
             opt = ZOSGD(params, lr=1e-6, eps=1e-3, seed=0, restore="exact")
             closure = lambda: loss(model, batch, prefix)  # noqa: E731
+        elif mode == "sparse_mezo":
+            opt = ZOSGD(param_groups(model.named_parameters(), 0.0, sparsity), lr=1e-6, eps=1e-3, seed=0,
+                        restore="mezo")
+            tuned = sum(int(m.sum()) for g in opt.param_groups for m in g["masks"])
+            closure = lambda: loss(model, batch)  # noqa: E731
         else:
             opt = ZOSGD(model.parameters(), lr=1e-6, eps=1e-3, seed=0,
-                        restore="mezo" if mode == "mezo_faithful_full" else "fused")
+                        restore="mezo" if mode in ("mezo_faithful_full", "mezo_full") else "fused")
             closure = full_logits_loss if mode == "mezo_faithful_full" else (lambda: loss(model, batch))
 
         def run():
@@ -104,49 +156,65 @@ def _worker(mode: str, model_dir: str, layer: int, shape: tuple[int, int], devic
             return opt.step(closure)
     conn.send("ready")
     with torch.no_grad():
-        while conn.recv() == "step":
+        while conn.recv() == "step":  # the first step is warm-up (and allocates AdamW's states)
             _sync(device)
             t0 = time.perf_counter()
             run()
             _sync(device)
             conn.send(time.perf_counter() - t0)
-    conn.send(peak_memory_mb(device))
+    conn.send({"peak_mb": peak_memory_mb(device), "base_mb": base_mb, "tuned_params": tuned,
+               "weights_dtype": str(dtype).replace("torch.", ""), "amp": amp_name})
 
 
-def measure_modes(specs: dict, model_dir: str, shape, steps: int, device: str, dtype: str,
-                  threads: int | None) -> dict:
-    """Median seconds per step and peak memory of each mode in ``specs`` ({name: (mode, layer)}).
+def measure_modes(specs: dict, model_dir: str, shape, steps: int, device: str, dtype: str, threads: int | None,
+                  sparsity: float = 0.75, concurrent: bool = True) -> dict:
+    """Median seconds per step (after one warm-up step) and peak memory of each mode in ``specs``
+    ({name: (mode, layer)}), each mode in its own process.
 
-    Every mode lives in its own process; the steps run round-robin (one step of each mode in turn,
-    one process computing at a time), so a noisy machine slows all modes alike and their ratios hold.
-    The first round is warm-up.
+    ``concurrent``: all processes live at once and the steps run round-robin (one step of each mode in
+    turn, one process computing at a time), so machine noise slows every mode alike and the ratios
+    hold. Otherwise one process after the other (for memory: a 7B model's modes do not fit side by side).
     """
     ctx = mp.get_context("spawn")
-    procs = {}
-    for name, (mode, layer) in specs.items():
+
+    def start(name):
+        mode, layer = specs[name]
         parent, child = ctx.Pipe()
-        proc = ctx.Process(target=_worker, args=(mode, model_dir, layer, shape, device, dtype, threads, child))
+        proc = ctx.Process(target=_worker, args=(mode, model_dir, layer, shape, device, dtype, threads, sparsity, child))
         proc.start()
-        procs[name] = (proc, parent)
+        if not parent.poll(3600) or parent.recv() != "ready":
+            raise RuntimeError(f"bench worker {name} ({mode}) did not start")
+        return proc, parent
+
+    def finish(name, proc, conn, times):
+        conn.send("stop")
+        res = conn.recv()
+        proc.join(timeout=60)
+        return {"s": statistics.median(times[1:]), **res}
+
+    out, procs = {}, {}
     try:
-        for name, (proc, conn) in procs.items():
-            if not conn.poll(3600) or conn.recv() != "ready":
-                raise RuntimeError(f"bench worker {name} did not start")
-        times = {name: [] for name in specs}
-        for i in range(steps + 1):
-            for name, (_, conn) in procs.items():
+        if concurrent:
+            procs = {name: start(name) for name in specs}
+            times = {name: [] for name in specs}
+            for _ in range(steps + 1):
+                for name, (_, conn) in procs.items():
+                    conn.send("step")
+                    times[name].append(conn.recv())
+            return {name: finish(name, proc, conn, times[name]) for name, (proc, conn) in procs.items()}
+        for name in specs:
+            procs = {name: start(name)}
+            proc, conn = procs[name]
+            times = []
+            for _ in range(steps + 1):
                 conn.send("step")
-                t = conn.recv()
-                if i:
-                    times[name].append(t)
-        out = {}
-        for name, (proc, conn) in procs.items():
-            conn.send("stop")
-            out[name] = {"s": statistics.median(times[name]), "peak_mb": conn.recv()}
+                times.append(conn.recv())
+            out[name] = finish(name, proc, conn, times)
         return out
     finally:
         for proc, _ in procs.values():
-            proc.join(timeout=60)
+            if proc.is_alive():
+                proc.join(timeout=5)
             if proc.is_alive():
                 proc.kill()
 
@@ -182,6 +250,27 @@ def bench(model_dir: str, layers: list[int], steps: int, device: str, dtype: str
     return out
 
 
+def memory_bench(model_dir: str, layers: list[int], shapes: list[str], steps: int, device: str, dtype: str,
+                 threads: int | None, sparsity: float) -> dict:
+    """Peak memory of each method's step against inference on the same batch, one fresh process each."""
+    out = {"bench": "memory", "model": model_dir, "steps": steps, "device": device, "dtype": dtype,
+           "threads": threads, "layers": layers, "sparsity": sparsity, "results": {}}
+    for shape_name in shapes:
+        specs = {name: (mode, layers[0]) for name, mode in MEMORY_ROWS.items()}
+        for layer in layers:
+            specs.update({name.format(layer): (mode, layer) for name, mode in MEMORY_LAYER_ROWS.items()})
+        rows = measure_modes(specs, model_dir, SHAPES[shape_name], steps, device, dtype, threads, sparsity,
+                             concurrent=False)
+        inf = rows["inference"]
+        for r in rows.values():
+            r["vs_inference"] = r["peak_mb"] / inf["peak_mb"]
+            r["vs_inference_net"] = (r["peak_mb"] - r["base_mb"]) / (inf["peak_mb"] - inf["base_mb"])
+        out["results"][shape_name] = {"shape": list(SHAPES[shape_name]), "methods": rows}
+        print(f"{shape_name} {SHAPES[shape_name]}: " + ", ".join(
+            f"{k} {r['peak_mb']:.0f} MB ({r['vs_inference']:.2f}x)" for k, r in rows.items()), file=sys.stderr)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
@@ -192,13 +281,19 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--memory", action="store_true", help="the memory comparison of the methods (see above)")
+    ap.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=list(SHAPES), help="--memory: batch shapes")
+    ap.add_argument("--sparsity", type=float, default=0.75, help="--memory: sparse-mezo's frozen fraction")
     a = ap.parse_args(argv)
     layers = list(a.layers)
     if a.probe:
         first = read_json(a.probe, "probe result").get("first_outlier_layer")
         if first is not None and first not in layers:
             layers.append(first)
-    res = bench(a.model, layers, a.steps, a.device, a.dtype, a.threads)
+    if a.memory:
+        res = memory_bench(a.model, layers, a.shapes, a.steps, a.device, a.dtype, a.threads, a.sparsity)
+    else:
+        res = bench(a.model, layers, a.steps, a.device, a.dtype, a.threads)
     write_json(a.out, res)
     print(json.dumps(res, indent=2))
     return 0

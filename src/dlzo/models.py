@@ -14,7 +14,11 @@ from dlzo import DLZOError
 KNOWN_LAYER_PATHS = ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers",
                      "transformer.blocks", "model.model.layers")
 
-METHOD_RE = re.compile(r"^(mezo-full|lora-zo|dominant|dominant-lora|layer-(\d+)|layer-(\d+)-lora)$")
+METHOD_RE = re.compile(r"^(mezo-full|lora-zo|dominant|dominant-lora|sparse-mezo|fo-adamw|layer-(\d+)|layer-(\d+)-lora"
+                       r"|fo-layer-(\d+))$")
+# kinds that tune every parameter (sparse-mezo perturbs only a magnitude mask of each tensor) and one layer
+FULL_KINDS = ("mezo-full", "sparse-mezo", "fo-full")
+LAYER_KINDS = ("layer", "fo-layer")
 
 
 def _get_attr_path(obj, path: str):
@@ -78,15 +82,20 @@ def load_model(model_dir: str | Path, device: torch.device, dtype: torch.dtype) 
 
 
 def parse_method(method: str) -> tuple[str, int | None]:
-    """``layer-3`` -> ("layer", 3); ``layer-3-lora`` -> ("layer-lora", 3); others -> (name, None)."""
+    """``layer-3`` -> ("layer", 3); ``layer-3-lora`` -> ("layer-lora", 3); ``fo-layer-3`` -> ("fo-layer", 3);
+    ``fo-adamw`` -> ("fo-full", None); others -> (name, None)."""
     m = METHOD_RE.match(method)
     if not m:
-        raise DLZOError(f"unknown method {method!r}: expected mezo-full, lora-zo, dominant, "
-                        f"dominant-lora, layer-<i> or layer-<i>-lora")
+        raise DLZOError(f"unknown method {method!r}: expected mezo-full, lora-zo, dominant, dominant-lora, "
+                        f"sparse-mezo, fo-adamw, layer-<i>, layer-<i>-lora or fo-layer-<i>")
     if m.group(2) is not None:
         return "layer", int(m.group(2))
     if m.group(3) is not None:
         return "layer-lora", int(m.group(3))
+    if m.group(4) is not None:
+        return "fo-layer", int(m.group(4))
+    if method == "fo-adamw":
+        return "fo-full", None
     return method, None
 
 
@@ -113,9 +122,9 @@ def tuned_parameters(model: nn.Module, kind: str, layer: int | None) -> list[tup
     """(name, parameter) pairs a method tunes, in a fixed order (the order z is drawn in)."""
     if kind in ("lora-zo", "layer-lora"):
         params = [(n, p) for n, p in model.named_parameters() if "lora_" in n]
-    elif kind == "mezo-full":
+    elif kind in FULL_KINDS:
         params = list(model.named_parameters())
-    elif kind == "layer":
+    elif kind in LAYER_KINDS:
         block = decoder_layers(model)[layer]
         prefix = next(n for n, m in model.named_modules() if m is block)
         params = [(f"{prefix}.{n}", p) for n, p in block.named_parameters()]

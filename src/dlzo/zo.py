@@ -21,6 +21,11 @@ Two ways to restore theta between the perturbations:
                        (theta += (eps - lr*g) * z): three draws a step instead of four, no extra memory.
 Both draw the same z from the same seed, so they follow the same trajectory up to rounding.
 
+Sparse-MeZO (Liu et al. 2024) is a parameter selection, not another optimizer: a param group may carry
+``masks`` (one bool tensor per parameter, ``magnitude_masks``), and z is multiplied by the mask right
+after it is drawn, so the same z stream perturbs and updates only the selected weights (the weight
+decay term too); every other weight keeps its bits.
+
 A run is fully described by the base model and its list of (seed, g, lr) per step: ``replay``
 rebuilds the tuned weights bit-identically on the same device type.
 """
@@ -41,11 +46,33 @@ def step_seed(run_seed: int, step: int) -> int:
     return int(np.random.SeedSequence([int(run_seed), int(step)]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
-def param_groups(named_params: Iterable[tuple[str, torch.nn.Parameter]], weight_decay: float) -> list[dict]:
+@torch.no_grad()
+def magnitude_mask(p: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Sparse-MeZO's selection in one tensor: True where |w| <= h, h the (1 - sparsity)-quantile of |w|.
+
+    ``sparsity`` is the fraction of the tensor left frozen: 0.75 tunes the 25% smallest-magnitude
+    weights (ties at h are all tuned). A pure function of the weights, so replay rebuilds it.
+    """
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    # the threshold on the host, selected in place: one copy of the tensor at a time (torch.kthvalue would
+    # add a sorted copy and int64 indices, and torch.quantile refuses tensors over 16M elements)
+    mag = np.abs(p.detach().to("cpu", torch.float32).reshape(-1).numpy())
+    k = max(1, math.ceil((1.0 - sparsity) * mag.size))
+    mag.partition(k - 1)
+    h = float(mag[k - 1])  # a value of the tensor itself, so exact in its dtype
+    del mag
+    w = p.detach()
+    return (w <= h) & (w >= -h)
+
+
+def param_groups(named_params: Iterable[tuple[str, torch.nn.Parameter]], weight_decay: float,
+                 sparsity: float | None = None) -> list[dict]:
     """Split into a decayed group and a no-decay group (biases, norm weights), order kept within each.
 
     MeZO goes by name ("bias", "layer_norm"); names differ across families, so 1-D tensors (every bias
-    and norm weight) count as no-decay too.
+    and norm weight) count as no-decay too. With ``sparsity`` (Sparse-MeZO), each group also carries
+    ``masks``: the magnitude mask of every tensor, computed now, from the weights as they are.
     """
     decay, no_decay = [], []
     for name, p in named_params:
@@ -54,7 +81,11 @@ def param_groups(named_params: Iterable[tuple[str, torch.nn.Parameter]], weight_
     groups = [{"params": decay, "weight_decay": weight_decay, "decay": True}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0, "decay": False})
-    return [g for g in groups if g["params"]]
+    groups = [g for g in groups if g["params"]]
+    if sparsity is not None:
+        for g in groups:
+            g["masks"] = [magnitude_mask(p, sparsity) for p in g["params"]]
+    return groups
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -85,60 +116,73 @@ class ZOSGD(torch.optim.Optimizer):
         self.timing = {"forward_s": 0.0, "perturb_s": 0.0, "update_s": 0.0}
 
     def _params(self):
+        """(group, parameter, its mask or None), in the order z is drawn."""
         for group in self.param_groups:
-            for p in group["params"]:
-                yield group, p
+            masks = group.get("masks") or [None] * len(group["params"])
+            if len(masks) != len(group["params"]):
+                raise ValueError(f"param group has {len(group['params'])} params but {len(masks)} masks")
+            yield from ((group, p, m) for p, m in zip(group["params"], masks))
 
     def _draw(self, seed: int):
-        """z for every tuned tensor, in a fixed order, from one generator per device."""
+        """z for every tuned tensor, in a fixed order, from one generator per device (masked where asked)."""
         gens: dict[torch.device, torch.Generator] = {}
-        for group, p in self._params():
+        for group, p, mask in self._params():
             gen = gens.get(p.device)
             if gen is None:
                 gen = gens[p.device] = torch.Generator(device=p.device)
                 gen.manual_seed(seed)
-            yield group, p, torch.randn(p.shape, generator=gen, device=p.device, dtype=p.dtype)
+            z = torch.randn(p.shape, generator=gen, device=p.device, dtype=p.dtype)
+            if mask is not None:
+                z.mul_(mask)  # the full draw first: the generator advances as without a mask
+            yield group, p, z, mask
 
     @torch.no_grad()
     def _perturb(self, seed: int, factor: float, eps: float) -> None:
         """theta += factor * eps * z (MeZO's scaling_factor in {1, -2, 1})."""
-        for _, p, z in self._draw(seed):
+        for _, p, z, _ in self._draw(seed):
             if self.restore == "mezo":  # MeZO's expression and evaluation order, out of place
                 p.data = p.data + factor * z * eps
             else:
                 p.add_(z, alpha=factor * eps)
 
     @staticmethod
-    def _apply_update(p: torch.Tensor, z: torch.Tensor, g: float, lr: float, wd: float) -> None:
+    def _decay(p: torch.Tensor, wd: float, mask: torch.Tensor | None) -> torch.Tensor:
+        # masked: decay only the selected weights (at wd == 0 the term is +-0 anyway: no extra tensor)
+        return p * wd if mask is None or not wd else p * wd * mask
+
+    @staticmethod
+    def _apply_update(p: torch.Tensor, z: torch.Tensor, g: float, lr: float, wd: float, mask=None) -> None:
         # MeZO: theta = theta - lr * (g * z + wd * theta); kept in this one form so replay matches bits
         if wd:
-            p.sub_((z * g + p * wd) * lr)
+            p.sub_((z * g + ZOSGD._decay(p, wd, mask)) * lr)
         else:
             p.sub_(z * (g * lr))
 
     @staticmethod
-    def _mezo_update(p: torch.Tensor, z: torch.Tensor, g: float, lr: float, wd: float, decayed: bool) -> None:
+    def _mezo_update(p: torch.Tensor, z: torch.Tensor, g: float, lr: float, wd: float, decayed: bool,
+                     mask=None) -> None:
         # MeZO's zo_update, written as it writes it (the wd term is computed even when wd == 0)
         if decayed:
-            p.data = p.data - lr * (g * z + wd * p.data)
+            p.data = p.data - lr * (g * z + ZOSGD._decay(p.data, wd, mask))
         else:
             p.data = p.data - lr * (g * z)
 
     @torch.no_grad()
     def _update(self, seed: int, g: float, zs: list | None = None) -> None:
-        items = zip(self._params(), zs) if zs is not None else (((gr, p), z) for gr, p, z in self._draw(seed))
-        for (group, p), z in items:
+        items = (zip(self._params(), zs) if zs is not None
+                 else (((gr, p, m), z) for gr, p, z, m in self._draw(seed)))
+        for (group, p, mask), z in items:
             if self.restore == "mezo":
-                self._mezo_update(p, z, g, group["lr"], group["weight_decay"], group.get("decay", True))
+                self._mezo_update(p, z, g, group["lr"], group["weight_decay"], group.get("decay", True), mask)
             else:
-                self._apply_update(p, z, g, group["lr"], group["weight_decay"])
+                self._apply_update(p, z, g, group["lr"], group["weight_decay"], mask)
 
     @torch.no_grad()
     def _fused_update(self, seed: int, eps: float, g: float) -> None:
         """Restore and update with one draw of z: theta = (theta_minus + eps*z) - lr*(g*z + wd*theta)."""
-        for group, p, z in self._draw(seed):
+        for group, p, z, mask in self._draw(seed):
             p.add_(z, alpha=eps)
-            self._apply_update(p, z, g, group["lr"], group["weight_decay"])
+            self._apply_update(p, z, g, group["lr"], group["weight_decay"], mask)
 
     def _timed(self, key: str, fn, *args):
         if torch.cuda.is_available():
@@ -187,7 +231,7 @@ class ZOSGD(torch.optim.Optimizer):
         """(L+, L-, kept z or None) from ``pair_closure``; parameters left where ``step`` expects them."""
         if self.restore == "exact":  # z drawn once and kept; theta saved and copied back bit for bit
             def prepare():
-                pairs = [(p, z) for _, p, z in self._draw(seed)]
+                pairs = [(p, z) for _, p, z, _ in self._draw(seed)]
                 return pairs, [p.detach().clone() for p, _ in pairs]
 
             pairs, saved = self._timed("perturb_s", prepare)

@@ -7,7 +7,8 @@ from snakemake.exceptions import WorkflowError
 
 RESULTS = config.get("results", "results")
 KNOWN_TASKS = ["sst2", "rte", "cb", "boolq", "wsc", "copa", "multirc", "squad", "drop"]
-TRAINED_METHODS = ["mezo-full", "lora-zo", "dominant", "dominant-lora"]
+TRAINED_METHODS = ["mezo-full", "lora-zo", "dominant", "dominant-lora", "sparse-mezo", "fo-adamw"]
+FO_LAYER = re.compile(r"^fo-layer-(\d+)$")  # first-order AdamW on one decoder layer
 
 
 def config_error(key, message):
@@ -44,13 +45,21 @@ def _check_config():
                          f"({model_layers(model)} layers)")
     for model in config["models"]:
         sweep_layers(model)
+        for method in config["methods"]:
+            m = FO_LAYER.match(method)
+            if m and int(m.group(1)) >= model_layers(model):
+                config_error("methods", f"{method}: layer index {m.group(1)} is past the depth of model {model} "
+                             f"({model_layers(model)} layers: indices 0..{model_layers(model) - 1})")
+    hyper = config["train"]["hyper"]
+    for method in config["methods"]:
+        family = method_family(method) if method != "zero-shot" else None
+        if family in ("fo", "sparse") and family not in hyper:
+            config_error(f"train.hyper.{family}", f"method {method} needs this block "
+                         f"({'lr and epochs or steps' if family == 'fo' else 'lr, eps and sparsity'})")
     task = config["probe"].get("sensitivity", {}).get("task")
     if task is not None and task not in config["tasks"]:
         config_error("probe.sensitivity.task", f"no task named {task} under `tasks` (its training split feeds "
                      f"the batches); expected one of {', '.join(config['tasks'])}")
-
-
-_check_config()
 
 
 def seeds():
@@ -59,7 +68,7 @@ def seeds():
 
 def trained_methods(model):
     """Every training method for ``model``: the configured baselines plus the layer sweep."""
-    methods = [m for m in config["methods"] if m in TRAINED_METHODS]
+    methods = [m for m in config["methods"] if m in TRAINED_METHODS or FO_LAYER.match(m)]
     return methods + [f"layer-{i}" for i in sweep_layers(model)]
 
 
@@ -69,9 +78,16 @@ def method_family(method):
         return "full"
     if method == "lora-zo":
         return "lora"
+    if method == "sparse-mezo":
+        return "sparse"
+    if method == "fo-adamw" or FO_LAYER.match(method):
+        return "fo"
     if method == "dominant-lora" or method.endswith("-lora"):
         return "layer-lora"
     return "layer"
+
+
+_check_config()
 
 
 def eval_outputs():
@@ -158,13 +174,23 @@ def runtime_args():
 
 def train_args(wildcards):
     t = config["train"]
-    hyper = t["hyper"][method_family(wildcards.method)]
-    args = (f"--steps {t['steps']} --batch-size {t['batch_size']} --eval-every {t['eval_every']} "
-            f"--dev-eval-size {t.get('dev_eval_size', 0)} --max-len {t['max_len']} "
-            f"--lr {hyper['lr']} --eps {hyper['eps']} --weight-decay {hyper.get('weight_decay', 0.0)}")
-    if method_family(wildcards.method) in ("layer", "layer-lora"):
+    family = method_family(wildcards.method)
+    hyper = t["hyper"][family]
+    if family == "fo":  # first-order AdamW: epochs (or steps), a dev checkpoint per epoch unless told
+        length = f"--epochs {hyper['epochs']}" if "epochs" in hyper else f"--steps {hyper.get('steps', t['steps'])}"
+        args = (f"{length} --batch-size {t['batch_size']} --eval-every {hyper.get('eval_every', 0)} "
+                f"--dev-eval-size {t.get('dev_eval_size', 0)} --max-len {t['max_len']} --lr {hyper['lr']} "
+                f"--weight-decay {hyper.get('weight_decay', 0.0)} --max-grad-norm {hyper.get('max_grad_norm', 1.0)}")
+    else:
+        args = (f"--steps {t['steps']} --batch-size {t['batch_size']} --eval-every {t['eval_every']} "
+                f"--dev-eval-size {t.get('dev_eval_size', 0)} --max-len {t['max_len']} "
+                f"--lr {hyper['lr']} --eps {hyper['eps']} --weight-decay {hyper.get('weight_decay', 0.0)}")
+    if family == "sparse":
+        args += f" --sparsity {hyper['sparsity']}"
+    if family in ("layer", "layer-lora") or FO_LAYER.match(wildcards.method):
         args += f" --prefix-cache {t.get('prefix_cache', 'auto')}"
-        if t.get("paired_suffix", "auto") != "auto":  # the default adds nothing, so old runs stay valid
+        if t.get("paired_suffix", "auto") != "auto" and family in ("layer", "layer-lora"):  # ZO only; the
+            # default adds nothing, so runs made before the key existed stay valid
             args += f" --paired-suffix {t['paired_suffix']}"
     if "lora" in method_family(wildcards.method):
         args += f" --lora-r {t['lora']['r']} --lora-alpha {t['lora']['alpha']}"
