@@ -38,6 +38,7 @@ reference: demo
 	   results/tables/speedup.md results/tables/speedup.csv results/tables/paper_comparison.md \
 	   results/tables/layer_sweep.png results/tables/loss_curves.png \
 	   results/probe/smollm2-135m/probe.json results/probe/smollm2-135m/activation_profile.png \
+	   results/probe/smollm2-135m/sensitivity.json results/probe/smollm2-135m/sensitivity_profile.png \
 	   results/reference/demo/
 
 tiny: setup
