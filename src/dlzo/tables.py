@@ -9,7 +9,8 @@ and Snakemake's ``benchmarks/zo_train/<model>/<task>/<method>/seed<s>.tsv``. Out
                                       and update, training and whole-job time, speedups over mezo-full,
                                       peak memory; cross-checked against the benchmark files
   paper_comparison.{md,csv,html}      the paper's reported numbers beside ours where the model matches
-  layer_sweep.png, loss_curves.png    see dlzo.figures
+  layer_sweep.png, loss_curves.png,   see dlzo.figures
+  memory_accuracy.png
   provenance.json                     what made them: the arguments, every input file's sha256,
                                       packages, git commit, wall time
 """
@@ -604,6 +605,7 @@ def write_tables(evals_paths, log_paths, probe_paths, out_dir, bench_paths=(), m
     best = best_layer_rows(evals, runs)
     figures.layer_sweep(evals, runs, probes, best, out / "layer_sweep.png")
     figures.loss_curves(logs, best, out / "loss_curves.png")
+    figures.memory_accuracy(acc, sp, out / "memory_accuracy.png")
     return {"accuracy": acc, "speedup": sp, "paper_comparison": cmp}
 
 

@@ -14,6 +14,7 @@ rule tables:
         speedup_html=tables_report("speedup.html", "speedup", "Speed and memory"),
         figure=tables_report("layer_sweep.png", "layer_sweep", "Accuracy", "Figures"),
         loss=tables_report("loss_curves.png", "loss_curves", "Training"),
+        memory=tables_report("memory_accuracy.png", "memory_accuracy", "Speed and memory"),
         provenance=f"{RESULTS}/tables/provenance.json",
     input:
         evals=eval_outputs(),
