@@ -133,8 +133,10 @@ def test_tiny_dag_runs_and_second_run_has_nothing_to_do(workdir):
                      abs_threshold=cfg["probe"]["abs_threshold"])
     tables = check_provenance(res / "tables/provenance.json", commit, False)
     inputs = json.loads((res / "tables/provenance.json").read_text())["inputs_sha256"]
-    assert len(inputs) == 2 * 7 + 2 * 6 + 1 and all(len(h) == 64 for h in inputs.values())
-    assert set(tables["config"]["evals"]) <= set(inputs)
+    hashed = [*tables["config"]["evals"], *tables["config"]["train_logs"], *tables["config"]["probes"],
+              *tables["config"]["benchmarks"], *tables["config"]["data_meta"], tables["config"]["paper"]]
+    assert set(inputs) == set(hashed) and all(len(h) == 64 for h in inputs.values())
+    assert len(tables["config"]["evals"]) == 2 * 10  # 2 tasks x (zero-shot + 9 trained methods)
 
 
 def planned(proc) -> set[tuple[str, str]]:
@@ -202,7 +204,7 @@ def test_minimal_reruns(workdir, tmp_path):
                                                                      ("all", "")}
 
 
-GPU_RULES = {"probe_outliers", "zo_train", "evaluate", "evaluate_zero_shot"}
+GPU_RULES = {"probe_outliers", "probe_sensitivity", "zo_train", "evaluate", "evaluate_zero_shot"}
 LIGHT_RULES = {"download_model", "prepare_data", "tables", "all"}  # localrules: they stay on the head node
 
 
@@ -275,8 +277,8 @@ def test_tiny_dag_through_the_slurm_executor_plugin(tmp_path_factory):
         step = srun[str(rec["jobid"])]  # inside the job, the jobstep plugin ran the rule through srun
         assert step["flags"]["--gpus"] == str(res["gpu"]) and "snakemake" in " ".join(step["command"])
     assert collections.Counter(rule for rule, _, _ in jobs) == {
-        "probe_outliers": 2, "zo_train": 2, "evaluate": 2, "evaluate_zero_shot": 2}
-    assert {rule for rule, _, _ in jobs} == GPU_RULES and len(sbatch) == len(jobs) == 8
+        "probe_outliers": 2, "probe_sensitivity": 2, "zo_train": 2, "evaluate": 2, "evaluate_zero_shot": 2}
+    assert {rule for rule, _, _ in jobs} == GPU_RULES and len(sbatch) == len(jobs) == 10
     big, small = jobs["zo_train", "tiny-llama-big", "dominant"]["flags"], jobs["zo_train", "tiny-llama", "dominant"]["flags"]
     assert int(big["--mem"]) > int(small["--mem"]) and int(big["-t"]) > int(small["-t"])  # scales with the model
     for rule in LIGHT_RULES:  # the light rules ran on the head node

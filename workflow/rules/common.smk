@@ -103,8 +103,9 @@ def eval_outputs():
 
 
 def sensitivity_task():
-    """The task whose training split feeds the sensitivity profile: `probe.sensitivity.task` or the first task."""
-    return config["probe"].get("sensitivity", {}).get("task") or next(iter(config["tasks"]))
+    """The task whose training split feeds the sensitivity profile: `probe.sensitivity.task`, or else the
+    alphabetically first task (not the first listed: a config rewritten with sorted keys must not rerun it)."""
+    return config["probe"].get("sensitivity", {}).get("task") or sorted(config["tasks"])[0]
 
 
 def sensitivity_outputs():
