@@ -226,8 +226,6 @@ def memory_accuracy(acc: pd.DataFrame, speed: pd.DataFrame, png) -> None:
     for k, (model, task) in enumerate(panels):
         ax = axes[k // ncols][k % ncols]
         rows = speed[(speed["model"] == model) & (speed["task"] == task)]
-        span = max(1.0, float(rows["peak_memory_mb"].max() - rows["peak_memory_mb"].min()))
-        placed = []
         for _, r in rows.iterrows():
             a = acc[(acc["model"] == model) & (acc["task"] == task) & (acc["method"] == r["method"])]
             if a.empty or pd.isna(r["peak_memory_mb"]):
@@ -235,18 +233,14 @@ def memory_accuracy(acc: pd.DataFrame, speed: pd.DataFrame, png) -> None:
             _, marker, grey = _style(r["method"], order)
             ax.plot([r["peak_memory_mb"]], [float(a["mean"].iloc[0])], marker=marker, color=grey, ls="none",
                     markersize=8, markerfacecolor="white" if order.index(r["method"]) % 2 else grey)
-            y = float(a["mean"].iloc[0])
-            near = sum(abs(px - r["peak_memory_mb"]) < 0.05 * span and abs(py - y) < 0.5 for px, py in placed)
-            placed.append((r["peak_memory_mb"], y))
-            ax.annotate(r["method"], (r["peak_memory_mb"], y), textcoords="offset points",
-                        xytext=(6, 4 + 10 * near), fontsize=7)  # labels of coinciding points stacked
+            # no text beside the points (coinciding methods would overwrite each other): the legend names them
             legend.setdefault(r["method"], Line2D([], [], marker=marker, color=grey, ls="none",
                                                   markerfacecolor="white" if order.index(r["method"]) % 2 else grey))
         inf = rows["inference_peak_mb"].dropna() if "inference_peak_mb" in rows else pd.Series(dtype=float)
         if not inf.empty:
             ax.axvline(float(inf.median()), ls=":", color="0.3", lw=1)
-            ax.text(float(inf.median()), 0.02, " inference peak", transform=ax.get_xaxis_transform(), fontsize=7,
-                    rotation=90, va="bottom", ha="right")
+            ax.text(float(inf.median()), 0.97, " inference peak", transform=ax.get_xaxis_transform(), fontsize=7,
+                    va="top", ha="left")
             legend.setdefault("inference peak (same model and batch)", Line2D([], [], ls=":", color="0.3"))
         ax.set_title(f"{model} / {task}", fontsize=10)
         ax.set_xlabel("peak memory of the training job (MB)")
