@@ -104,8 +104,10 @@ def eval_outputs():
 
 def sensitivity_task():
     """The task whose training split feeds the sensitivity profile: `probe.sensitivity.task`, or else the
-    alphabetically first task (not the first listed: a config rewritten with sorted keys must not rerun it)."""
-    return config["probe"].get("sensitivity", {}).get("task") or sorted(config["tasks"])[0]
+    configured task that comes first in the paper's task order (SST-2, RTE, CB, BoolQ, WSC, COPA, MultiRC,
+    SQuAD, DROP): not the first listed, so that reordering the config or adding a later task reruns nothing."""
+    return (config["probe"].get("sensitivity", {}).get("task")
+            or next(t for t in KNOWN_TASKS if t in config["tasks"]))
 
 
 def sensitivity_outputs():
