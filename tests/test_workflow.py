@@ -191,6 +191,9 @@ def test_minimal_reruns(workdir, tmp_path):
                "layer-0", "layer-2"]
     assert cb == ({("prepare_data", "task=cb"), ("evaluate_zero_shot", "model=tiny-llama, task=cb")}
                   | runs("zo_train", methods, ["cb"]) | runs("evaluate", methods, ["cb"]) | tail)
+    # a sensitivity setting: only the profile (before the code edits below, which stay in place)
+    assert plan(lambda c: c["probe"]["sensitivity"].update(k=3)) == {("probe_sensitivity", "model=tiny-llama"),
+                                                                     ("all", "")}
     # the table code: only the tables
     assert plan(touch="src/dlzo/tables.py") == tail
     assert plan(touch="src/dlzo/figures.py") == tail
@@ -199,9 +202,6 @@ def test_minimal_reruns(workdir, tmp_path):
     zo = plan(touch="src/dlzo/zo.py")
     assert zo == runs("zo_train", methods) | runs("evaluate", methods) | tail | {
         ("probe_sensitivity", "model=tiny-llama"), ("all", "")}
-    # a sensitivity setting: only the profile
-    assert plan(lambda c: c["probe"]["sensitivity"].update(k=3)) == {("probe_sensitivity", "model=tiny-llama"),
-                                                                     ("all", "")}
 
 
 GPU_RULES = {"probe_outliers", "probe_sensitivity", "zo_train", "evaluate", "evaluate_zero_shot"}
