@@ -9,7 +9,7 @@ CORES  ?= 2
 SNAKEMAKE := $(BIN)/snakemake --workflow-profile none --cores $(CORES)
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup demo report reference tiny test test-fast lint dag paper-dry-run
+.PHONY: setup demo report reference study study-reference tiny test test-fast lint dag paper-dry-run
 
 setup: $(STAMP)
 
@@ -40,6 +40,29 @@ reference: demo
 	   results/probe/smollm2-135m/probe.json results/probe/smollm2-135m/activation_profile.png \
 	   results/probe/smollm2-135m/sensitivity.json results/probe/smollm2-135m/sensitivity_profile.png \
 	   results/reference/demo/
+
+# the SmolLM2-135M study (workflow/configs/smollm2-study.yaml): many hours on 2 CPU cores; interrupted, it
+# resumes where it stopped (finished jobs are kept, ZO runs continue from their partial trajectory)
+study: setup
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(SNAKEMAKE) --configfile workflow/configs/smollm2-study.yaml
+	@cat results/study/tables/accuracy.md
+
+# its committed copy: tables, figures and the per-layer JSON (small files only, no weights)
+STUDY_REF := results/reference/smollm2-135m
+study-reference: study
+	mkdir -p $(STUDY_REF)
+	cp results/study/tables/accuracy.md results/study/tables/accuracy.csv results/study/tables/accuracy.tex \
+	   results/study/tables/speedup.md results/study/tables/speedup.csv \
+	   results/study/tables/hyper_selection.md results/study/tables/hyper_selection.csv \
+	   results/study/tables/layer_ranking.md results/study/tables/layer_ranking.csv \
+	   results/study/tables/layer_correlations.csv results/study/tables/layer_sweep.png \
+	   results/study/tables/loss_curves.png results/study/tables/memory_accuracy.png \
+	   results/study/tables/layer_predictors_smollm2-135m.png \
+	   results/study/probe/smollm2-135m/probe.json results/study/probe/smollm2-135m/activation_profile.png \
+	   results/study/probe/smollm2-135m/sensitivity.json results/study/probe/smollm2-135m/sensitivity_profile.png \
+	   results/study/probe/smollm2-135m/gradnorm.json $(STUDY_REF)/
+	for t in sst2 copa rte; do cp results/study/eval/smollm2-135m/$$t/calibrated-zero-shot.json \
+	   $(STUDY_REF)/calibrated-zero-shot-$$t.json; done
 
 tiny: setup
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(SNAKEMAKE) --configfile workflow/configs/tiny.yaml

@@ -36,6 +36,7 @@ localrules:
     all,
     download_model,
     prepare_data,
+    select_hyper,
     tables,
 
 

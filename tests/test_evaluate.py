@@ -238,3 +238,66 @@ def test_main_writes_result(tiny, tmp_path, monkeypatch):
     assert calls == [str(tmp_path / "run")] and res["method"] == "dominant"
     assert res["run"] == str(tmp_path / "run") and res["n"] == len(SST2)
 
+
+
+def test_fit_offsets_recovers_a_planted_label_bias():
+    """Scores that prefer candidate 1 by a constant 2.0: the fitted offsets undo it (their difference), and the
+    calibrated accuracy is the bias-free one."""
+    from dlzo.evaluate import _accuracy, fit_offsets
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 2, (400,), generator=g)
+    clean = torch.randn(400, 2, generator=g) * 0.5
+    clean[torch.arange(400), labels] += 1.0  # informative scores
+    biased = clean.clone()
+    biased[:, 1] += 2.0
+    off = fit_offsets(biased.tolist(), labels.tolist(), 0.0)
+    assert off[0] == 0.0 and abs(off[1] + 2.0) < 0.25
+    assert _accuracy(biased.tolist(), labels.tolist(), [0.0, 0.0]) < 0.6
+    assert _accuracy(biased.tolist(), labels.tolist(), off) == pytest.approx(
+        _accuracy(clean.tolist(), labels.tolist(), [0.0, 0.0]), abs=0.02)
+    strong = fit_offsets(biased.tolist(), labels.tolist(), 100.0)  # L2 pulls the offsets towards 0
+    assert abs(strong[1] - strong[0]) < abs(off[1] - off[0]) / 5
+
+
+def test_calibrate_fits_on_train_chooses_on_dev_and_matches_lm_eval(tiny, tmp_path):
+    from dlzo.evaluate import calibrate
+
+    path, model, tok = tiny
+    d = tmp_path / "sst2"
+    recs = mc("sst2", [f"Review {i}: {'a fine' if i % 2 else 'a dull'} film, number {i}. It was" for i in range(24)],
+              [" terrible", " great"], [i % 2 for i in range(24)])
+    split(d, recs[16:])
+    (d / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs[:10]))
+    (d / "dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs[10:16]))
+    res = calibrate(model, tok, "sst2", d, tmp_path / "tasks", batch_size=4, l2s=(0.0, 1.0))
+    # the uncalibrated test accuracy is lm-eval's own (the function raises otherwise), from the same samples
+    direct = evaluate(model, tok, "sst2", d, tmp_path / "tasks2", batch_size=4)
+    assert res["metrics"]["acc_uncalibrated"] == pytest.approx(direct["value"])
+    assert res["lm_eval_test_metric"] == pytest.approx(direct["value"])
+    assert [g["l2"] for g in res["grid"]] == [0.0, 1.0]
+    best = max(res["grid"], key=lambda g: g["dev_acc"])
+    assert res["metrics"]["dev_acc"] == best["dev_acc"] and res["offsets"] in [g["offsets"] for g in res["grid"]]
+    # the reported value is the test accuracy of argmax(score + offset), recomputed here from lm-eval's samples
+    smp = samples(model, tok, tmp_path / "tasks", "dlzo_sst2_test")
+    hits = [max((r[0][0] + o, -k) for k, (r, o) in enumerate(zip(s["resps"], res["offsets"])))[1] * -1 == rec["label"]
+            for s, rec in zip(smp, recs[16:])]
+    assert res["value"] == pytest.approx(sum(hits) / len(hits))
+    assert sum(res["predicted_share"]) == pytest.approx(1.0) and res["n_train"] == 10 and res["n_dev"] == 6
+
+
+def test_calibrate_refuses_generation_tasks_and_missing_splits(tiny, tmp_path):
+    from dlzo import DLZOError
+    from dlzo.evaluate import calibrate
+
+    path, model, tok = tiny
+    d = split(tmp_path / "sst2", SST2)
+    with pytest.raises(DLZOError, match=r"train.jsonl does not exist"):
+        calibrate(model, tok, "sst2", d, tmp_path / "tasks")
+    g = tmp_path / "squad"
+    rec = [{"id": "0", "task": "squad", "prompt": "Q: x\nA:", "candidates": None, "label": None, "answers": ["x"]}]
+    for name in ("train", "dev", "test"):
+        split(g, rec)
+        (g / f"{name}.jsonl").write_text(json.dumps(rec[0]) + "\n")
+    with pytest.raises(DLZOError, match="multiple-choice"):
+        calibrate(model, tok, "squad", g, tmp_path / "tasks")

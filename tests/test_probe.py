@@ -5,6 +5,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -403,3 +404,52 @@ def test_sensitivity_cli(tiny, sst2_data, tmp_path):
               "--out", str(again)])
     with pytest.raises(DLZOError, match="layer index 9 is past"):
         main(args + ["--out", str(again), "--layers", "9"])
+
+
+# --- first-order gradient norms ------------------------------------------------------------------------
+
+def test_gradient_norms_equal_autograd_and_leave_the_model_as_it_was(tiny, sst2_data):
+    """Per-batch squared norms summed by hooks = autograd's per-layer norms; RMS over batches; no gradient,
+    requires_grad flag or weight changed afterwards."""
+    from dlzo.probe import gradient_norms
+
+    d, _, tok = tiny("llama", 1)
+    model = load_model(d, CPU, torch.float32)
+    model.requires_grad_(False)
+    before = state(model)
+    batches = sens_batches(d, tok, sst2_data, n=2, bs=2)
+    r = gradient_norms(model, batches)
+    assert same_bits(before, state(model))
+    assert all(not p.requires_grad and p.grad is None for p in model.parameters())
+    per_batch = [layer_grad_norms(load_model(d, CPU, torch.float32), b) for b in batches]
+    for i, L in enumerate(r["layers"]):
+        assert L["sq_norm_per_batch"] == pytest.approx([n[i] ** 2 for n in per_batch], rel=1e-6)
+        assert L["rms_norm"] == pytest.approx(math.sqrt(sum(n[i] ** 2 for n in per_batch) / 2), rel=1e-6)
+    # the planted outlier: the layers feeding it carry > 100x the gradient of the layers after it
+    rms = [L["rms_norm"] for L in r["layers"]]
+    assert min(rms[:2]) > 100 * max(rms[2:]) and r["largest_gradient_layer"] in (0, 1)
+    assert r["other_params_rms_norm"] > 0 and len(r["losses"]) == 2
+
+
+def test_gradnorm_cli_writes_json_and_the_three_predictor_figure(tiny, sst2_data, tmp_path):
+    d, _, _ = tiny("llama", 1)
+    probe_json, sens_json = tmp_path / "probe.json", tmp_path / "sensitivity.json"
+    assert main(["--model", str(d), "--out", str(probe_json), "--threads", "1"]) == 0
+    assert main(["sensitivity", "--model", str(d), "--data", str(sst2_data), "--task", "sst2", "--k", "2",
+                 "--batches", "1", "--batch-size", "2", "--threads", "1", "--out", str(sens_json)]) == 0
+    out, png = tmp_path / "gradnorm.json", tmp_path / "layer_predictors.png"
+    args = ["gradnorm", "--model", str(d), "--data", str(sst2_data), "--task", "sst2", "--batches", "2",
+            "--batch-size", "2", "--threads", "1", "--out", str(out)]
+    assert main(args + ["--probe", str(probe_json), "--sensitivity", str(sens_json), "--plot", str(png)]) == 0
+    r = json.loads(out.read_text())
+    assert r["probe_layer"] == 1 and r["batches"] == 2 and len(r["batch_ids"]) == 2 and r["objective"] == "candidates"
+    norms = sorted((L["rms_norm"] for L in r["layers"]), reverse=True)
+    assert r["probe_layer_rank"] == 1 + norms.index(r["layers"][1]["rms_norm"])
+    assert r["peak_memory_mb"] > 0 and r["inference_peak_mb"] > 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    again = tmp_path / "again.json"
+    assert main(args[:-1] + [str(again)]) == 0  # deterministic: no draw anywhere
+    assert [L["sq_norm_per_batch"] for L in json.loads(again.read_text())["layers"]] == \
+        [L["sq_norm_per_batch"] for L in r["layers"]]
+    with pytest.raises(SystemExit):  # the figure needs the other two predictors
+        main(args[:-1] + [str(again), "--plot", str(png)])

@@ -234,6 +234,64 @@ def test_cli_writes_every_table(results, capsys):
     names = {p.name for p in results["out"].iterdir()}
     assert names == {f"{stem}.{ext}" for stem in ("accuracy", "speedup") for ext in ("md", "csv", "tex", "html")} | {
         "paper_comparison.md", "paper_comparison.csv", "paper_comparison.html", "layer_sweep.png", "loss_curves.png",
-        "memory_accuracy.png", "provenance.json"}
+        "memory_accuracy.png", "provenance.json", "hyper_selection.md", "hyper_selection.csv", "layer_ranking.md",
+        "layer_ranking.csv", "layer_correlations.csv"}
     assert "<th>sst2 (acc)</th>" in (results["out"] / "accuracy.html").read_text()
     assert "### m (paper: llama2-7b)" in capsys.readouterr().out
+
+
+def test_grid_selection_and_layer_predictor_tables(results, tmp_path):
+    """select_hyper's files become a grid table with the chosen point marked; the three predictors and the sweep
+    (layers 3 and 5 of ACC) give per-layer rows and Spearman correlations equal to hand values."""
+    r = tmp_path / "results"
+    sel = put(r / "train/m/sst2/dominant/hyper_selection.json", {
+        "model": "m", "task": "sst2", "method": "dominant", "seed": 0, "criterion": "lowest best_dev_loss",
+        "grid": [{"tag": "@lr0.0001_eps0.001", "lr": 1e-4, "eps": 1e-3, "best_dev_loss": 0.7, "best_step": 10},
+                 {"tag": "@lr0.001_eps0.001", "lr": 1e-3, "eps": 1e-3, "best_dev_loss": 0.6, "best_step": 5},
+                 {"tag": "@lr0.01_eps0.001", "lr": 1e-2, "eps": 1e-3, "best_dev_loss": float("inf"), "best_step": 0,
+                  "diverged_at_step": 2}],
+        "chosen": {"tag": "@lr0.001_eps0.001"}})
+    layers = range(8)
+    probe = put(r / "probe/m/probe.json", {"first_outlier_layer": 3, "num_layers": 8, "thresholds": {"abs": 100},
+                                           "layers": [{"index": i, "max_abs": 10.0 * (i + 1), "median_abs": 1.0}
+                                                      for i in layers]})
+    sens = put(r / "probe/m/sensitivity.json", {"layers": [{"index": i, "g": {"rms": 8.0 - i, "n": 4}} for i in layers]})
+    grad = put(r / "probe/m/gradnorm.json", {"batches": 2, "largest_gradient_layer": 3,
+                                             "layers": [{"index": i, "rms_norm": 5.0 if i == 3 else 1.0} for i in layers]})
+    extra = {f"layer-{i}": (0.5 + 0.02 * i) for i in (1, 7)}  # a third and fourth swept layer on sst2
+    evals = list(results["evals"])
+    for m_, v in extra.items():
+        evals.append(put(r / f"eval/m/sst2/{m_}/seed0.json", {"metric": "acc", "value": v}))
+    write_tables(evals, results["logs"], [probe], results["out"], selection_paths=[sel], sensitivity_paths=[sens],
+                 gradnorm_paths=[grad])
+    md = (results["out"] / "hyper_selection.md").read_text()
+    assert "| sst2 | dominant | 1e-3 | 1e-3 | 0.6000 | 5 | **chosen** |  |" in md
+    assert "diverged at step 2" in md and md.count("**chosen**") == 1
+    ranking = pd.read_csv(results["out"] / "layer_ranking.csv")
+    row3 = ranking[ranking["layer"] == 3].iloc[0]
+    assert row3["max_abs"] == 40 and row3["zo_rms_g"] == 5 and row3["fo_grad_norm"] == 5 and row3["probe_first_outlier"]
+    # sst2 sweep, test minus zero-shot (50): layer 1 +2, layer 3 +20 (mean of 70, 70), layer 5 +10, layer 7 +14
+    assert row3["sst2_test_gain"] == pytest.approx(20.0)
+    assert ranking.set_index("layer")["sst2_test_gain"].dropna().round(6).to_dict() == {1: 2.0, 3: 20.0, 5: 10.0, 7: 14.0}
+    corr = pd.read_csv(results["out"] / "layer_correlations.csv")
+    c = corr[(corr["task"] == "sst2")].set_index("predictor")
+    # ranks over layers 1, 3, 5, 7 of the gain: 1, 4, 2, 3; max|h| rises with the layer: 1, 2, 3, 4
+    assert c.loc["outlier max|h|", "spearman_test_gain"] == pytest.approx(0.4)
+    assert c.loc["ZO RMS(g)", "spearman_test_gain"] == pytest.approx(-0.4)
+    assert c.loc["first-order |grad|", "predictor_top_layer"] == 3 and c.loc["ZO RMS(g)", "sweep_best_layer_test"] == 3
+    text = (results["out"] / "layer_ranking.md").read_text()
+    assert "outlier max\\|h\\|" in text  # a | inside a cell is escaped, so the markdown table keeps its columns
+    assert (results["out"] / "layer_predictors_m.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_calibration_gap_table(results, tmp_path):
+    """calibrated-zero-shot is a seedless row; a second table subtracts it from every method, per task."""
+    evals = list(results["evals"]) + [put(tmp_path / "results/eval/m/sst2/calibrated-zero-shot.json",
+                                          {"metric": "acc", "value": 0.70})]
+    out = write_tables(evals, results["logs"], results["probes"], results["out"])
+    assert cell(out["accuracy"], "calibrated-zero-shot", "sst2")["mean"] == pytest.approx(70.0)
+    md = (results["out"] / "accuracy.md").read_text()
+    gap = md.split("### m: test accuracy minus calibrated-zero-shot (points)")[1]
+    assert "| method | sst2 (calibrated 70.0) |" in gap
+    assert "| mezo-full | +15.0 |" in gap and "| zero-shot | -20.0 |" in gap  # 85 - 70, 50 - 70
+    assert "| calibrated-zero-shot |" in md.split("minus calibrated")[0]

@@ -324,3 +324,85 @@ def test_sparse_mezo_replay_is_bit_identical(tmp_path, tiny_model, sst2_data):
     a = load_tuned_model(tiny_model, saved, torch.device("cpu"), torch.float32)
     b = dict(load_tuned_model(tiny_model, replay, torch.device("cpu"), torch.float32).named_parameters())
     assert all(torch.equal(p, b[n]) for n, p in a.named_parameters())
+
+
+def test_on_nonfinite_stop_keeps_the_best_checkpoint_before_it(tmp_path, tiny_model, sst2_data, monkeypatch):
+    """A grid point that diverges is an outcome: the run ends there, its log says so, and its tuned weights are
+    the best dev checkpoint it reached (rebuilt exactly from the trajectory)."""
+    import dlzo.train as train_mod
+
+    real, calls = train_mod.objective_loss, {"n": 0}
+
+    def diverging(model, batch, prefix=None):  # the inference-memory pass, steps 0-4 (2 passes each), then NaN
+        calls["n"] += 1
+        return torch.tensor(float("nan")) if calls["n"] > 1 + 10 else real(model, batch, prefix)
+
+    dev = iter([0.9, 0.7, 0.8])  # dev loss at steps 0, 2, 4: the best checkpoint is step 2
+    monkeypatch.setattr(train_mod, "objective_loss", diverging)
+    monkeypatch.setattr(train_mod, "_mean_loss", lambda *a: next(dev))
+    res, out = run(tmp_path, tiny_model, sst2_data, "layer-2", extra=["--steps", "10", "--on-nonfinite", "stop"])
+    assert res["hyper"]["diverged_at_step"] == 5
+    assert [p["step"] for p in res["dev_curve"]] == [0, 2, 4]
+    assert res["best_step"] == 2 and res["best_dev_loss"] == 0.7
+    traj = [json.loads(x) for x in (out / "trajectory.jsonl").read_text().splitlines()]
+    assert len(traj) == 1 + 5 and not (out / "trajectory.partial.jsonl").exists()
+    # the tuned tensors are the state after best_step steps: replaying that many steps gives the same bits
+    monkeypatch.setattr(train_mod, "objective_loss", real)
+    model = load_model(tiny_model, torch.device("cpu"), torch.float32)
+    named = [(n, p) for n, p in model.named_parameters() if ".layers.2." in n]
+    train_mod.zo_optimizer(named, "layer", 1e-2, 1e-3, 0.0, 0, "exact").replay(traj[1:res["best_step"] + 1])
+    saved = load_file(str(out / "tuned.safetensors"))
+    assert all(torch.equal(saved[n], p.detach()) for n, p in named)
+
+
+def test_select_picks_the_lowest_dev_loss_and_refuses_mixed_runs(tmp_path):
+    from dlzo.select import select
+
+    def log(method, tag, seed, dev, diverged=None, task="sst2"):
+        path = tmp_path / "train" / "m" / task / f"{method}{tag}" / f"seed{seed}" / "log.json"
+        path.parent.mkdir(parents=True)
+        hyper = {"lr": float(tag.split("lr")[1].split("_")[0]), "eps": 1e-3}
+        if diverged is not None:
+            hyper["diverged_at_step"] = diverged
+        path.write_text(json.dumps({"model": "m", "task": task, "method": method, "seed": seed,
+                                    "best_dev_loss": dev, "best_step": 4, "hyper": hyper}))
+        return str(path)
+
+    a = log("dominant", "@lr0.0001_eps0.001", 0, 0.70)
+    b = log("dominant", "@lr0.001_eps0.001", 0, 0.61)
+    c = log("dominant", "@lr0.01_eps0.001", 0, float("inf"), diverged=3)
+    res = select([a, b, c])
+    assert res["chosen"]["tag"] == "@lr0.001_eps0.001" and res["chosen"]["lr"] == 1e-3
+    assert [p["diverged_at_step"] for p in res["grid"]] == [None, None, 3]
+    tie = log("dominant", "@lr0.1_eps0.001", 0, 0.61)
+    assert select([b, tie])["chosen"]["tag"] == "@lr0.001_eps0.001"  # a tie goes to the earlier point
+    other = log("dominant", "@lr0.0001_eps0.001", 0, 0.5, task="copa")
+    with pytest.raises(DLZOError, match="not one"):
+        select([a, other])
+    with pytest.raises(DLZOError, match="not a grid run"):
+        select([str(tmp_path / "train/m/sst2/dominant/seed0/log.json")])
+
+
+def test_select_cli_writes_the_choice_and_hands_it_to_the_jobs(tmp_path, capsys):
+    """The JSON, then what the other seeds' training (`args`) and the evaluation (`run`) read from it."""
+    from dlzo.select import main as select_main
+
+    logs = []
+    for lr, dev in ((1e-4, 0.8), (1e-3, 0.5)):
+        d = tmp_path / f"train/m/sst2/layer-3@lr{lr:g}_eps0.001/seed0"
+        d.mkdir(parents=True)
+        (d / "log.json").write_text(json.dumps({"model": "m", "task": "sst2", "method": "layer-3", "seed": 0,
+                                                "best_dev_loss": dev, "best_step": 2, "hyper": {"lr": lr, "eps": 1e-3}}))
+        logs.append(str(d / "log.json"))
+    out = tmp_path / "sel.json"
+    assert select_main(["--logs", *logs, "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert select_main(["args", str(out)]) == 0
+    assert capsys.readouterr().out.split() == ["--lr", "0.001", "--eps", "0.001"]
+    assert parse_args(["--model", "m", "--data", "d", "--task", "sst2", "--method", "layer-3", "--out", "o",
+                       "--lr", "0.5", "--lr", "0.001", "--eps", "0.001"]).lr == 1e-3  # the choice comes last
+    assert select_main(["run", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "train/m/sst2/layer-3@lr0.001_eps0.001/seed0")
+    (tmp_path / "train/m/sst2/layer-3@lr0.001_eps0.001/seed0/log.json").unlink()
+    with pytest.raises(DLZOError, match="has no log.json"):
+        select_main(["run", str(out)])

@@ -86,13 +86,34 @@ def test_tiny_dag_runs_and_second_run_has_nothing_to_do(workdir):
     res = workdir / "results" / "tiny"
     for name in ("accuracy.md", "accuracy.csv", "accuracy.tex", "accuracy.html", "speedup.md", "speedup.csv",
                  "speedup.tex", "speedup.html", "paper_comparison.md", "paper_comparison.csv", "layer_sweep.png",
-                 "loss_curves.png", "memory_accuracy.png", "provenance.json"):
+                 "loss_curves.png", "memory_accuracy.png", "provenance.json", "hyper_selection.md",
+                 "hyper_selection.csv", "layer_ranking.md", "layer_ranking.csv", "layer_correlations.csv",
+                 "layer_predictors_tiny-llama.png"):
         assert (res / "tables" / name).stat().st_size > 0, name
     assert "Benchmark cross-check: every run agrees" in (res / "tables" / "speedup.md").read_text()
     acc = pd.read_csv(res / "tables" / "accuracy.csv")
-    methods = {"zero-shot", "mezo-full", "lora-zo", "dominant", "dominant-lora", "sparse-mezo", "fo-adamw",
-               "fo-layer-2", "layer-0", "layer-2", "best layer (dev)"}
+    methods = {"zero-shot", "calibrated-zero-shot", "mezo-full", "lora-zo", "dominant", "dominant-lora", "sparse-mezo",
+               "fo-adamw", "fo-layer-2", "layer-0", "layer-2", "best layer (dev)"}
     assert set(acc["method"]) == methods
+    assert set(acc.loc[acc["method"] == "calibrated-zero-shot", "task"]) == {"sst2"}  # multiple choice only
+    # the layer family's lr grid: every point trained with seed 0, the dev pick trained seed 1 of dominant too
+    grid = pd.read_csv(res / "tables" / "hyper_selection.csv")
+    assert len(grid) == 2 * 3 * 2 and grid.groupby(["task", "method"])["chosen"].sum().eq(1).all()
+    for task in ("sst2", "squad"):
+        sel = json.loads((res / f"train/tiny-llama/{task}/dominant/hyper_selection.json").read_text())
+        assert sel["chosen"]["best_dev_loss"] == min(p["best_dev_loss"] for p in sel["grid"])
+        seed1 = json.loads((res / f"train/tiny-llama/{task}/dominant/seed1/log.json").read_text())
+        assert seed1["hyper"]["lr"] == sel["chosen"]["lr"] and seed1["seed"] == 1
+        assert json.loads((res / f"eval/tiny-llama/{task}/dominant/seed0.json").read_text())["run"].endswith(
+            f"dominant{sel['chosen']['tag']}/seed0")  # seed 0 is the grid's chosen run itself
+        assert json.loads((res / f"eval/tiny-llama/{task}/dominant/seed1.json").read_text())["run"].endswith(
+            "dominant/seed1")
+    assert cell_n(acc, "dominant", "sst2") == 2 and cell_n(acc, "mezo-full", "sst2") == 1
+    cal = json.loads((res / "eval/tiny-llama/sst2/calibrated-zero-shot.json").read_text())
+    assert cal["metrics"]["acc_uncalibrated"] == json.loads((res / "eval/tiny-llama/sst2/zero-shot.json").read_text())["value"]
+    grads = json.loads((res / "probe" / "tiny-llama" / "gradnorm.json").read_text())
+    assert grads["probe_layer"] == 1 and len(grads["layers"]) == 4 and grads["batches"] == 2
+    assert (res / "probe" / "tiny-llama" / "layer_predictors.png").stat().st_size > 0
     assert set(acc["task"]) == {"sst2", "squad", "avg"}
     assert acc["mean"].between(0, 100).all()
     sp = pd.read_csv(res / "tables" / "speedup.csv")
@@ -111,7 +132,7 @@ def test_tiny_dag_runs_and_second_run_has_nothing_to_do(workdir):
     snakemake(workdir, "--configfile", "workflow/configs/tiny.yaml", "--report", "results/report.html")
     page = (workdir / "results" / "report.html").read_text()
     for name in ("accuracy.html", "paper_comparison.html", "speedup.html", "layer_sweep.png", "loss_curves.png",
-                 "activation_profile.png"):
+                 "activation_profile.png", "layer_predictors.png", "layer_predictors_tiny-llama.png"):
         assert f'"name": "{name}"' in page, name
     assert "Protocol: sst2: local files tests/fixtures" in page and "Config: 3 ZO steps of batch 2" in page
 
@@ -122,10 +143,15 @@ def test_tiny_dag_runs_and_second_run_has_nothing_to_do(workdir):
         check_provenance(res / f"data/{task}/meta.json", commit, False, task=task, seed=0,
                          train=cfg["tasks"][task]["train"])
         check_provenance(res / f"eval/tiny-llama/{task}/zero-shot.json", commit, True, task=task, method="zero-shot")
+        check_provenance(res / f"eval/tiny-llama/{task}/calibrated-zero-shot.json", commit, True, task=task,
+                         method="calibrated-zero-shot", calibrate=True) if task == "sst2" else None
         for method, family in (("mezo-full", "full"), ("lora-zo", "lora"), ("dominant", "layer"),
                                ("dominant-lora", "layer-lora"), ("layer-0", "layer"), ("layer-2", "layer")):
-            hyper = cfg["train"]["hyper"][family]
-            check_provenance(res / f"train/tiny-llama/{task}/{method}/seed0/log.json", commit, True, task=task,
+            hyper, folder = cfg["train"]["hyper"][family], method
+            if isinstance(hyper["lr"], list):  # a grid: the run that stands for the method is the dev pick
+                sel = json.loads((res / f"train/tiny-llama/{task}/{method}/hyper_selection.json").read_text())
+                hyper, folder = {"lr": sel["chosen"]["lr"], "eps": hyper["eps"]}, method + sel["chosen"]["tag"]
+            check_provenance(res / f"train/tiny-llama/{task}/{folder}/seed0/log.json", commit, True, task=task,
                              method=method, seed=0, lr=hyper["lr"], eps=hyper["eps"], steps=cfg["train"]["steps"])
             check_provenance(res / f"eval/tiny-llama/{task}/{method}/seed0.json", commit, True, task=task,
                              method=method, seed=0, batch_size=cfg["evaluate"]["batch_size"])
@@ -134,9 +160,16 @@ def test_tiny_dag_runs_and_second_run_has_nothing_to_do(workdir):
     tables = check_provenance(res / "tables/provenance.json", commit, False)
     inputs = json.loads((res / "tables/provenance.json").read_text())["inputs_sha256"]
     hashed = [*tables["config"]["evals"], *tables["config"]["train_logs"], *tables["config"]["probes"],
-              *tables["config"]["benchmarks"], *tables["config"]["data_meta"], tables["config"]["paper"]]
+              *tables["config"]["benchmarks"], *tables["config"]["selections"], *tables["config"]["sensitivity"],
+              *tables["config"]["gradnorm"], *tables["config"]["data_meta"], tables["config"]["paper"]]
     assert set(inputs) == set(hashed) and all(len(h) == 64 for h in inputs.values())
-    assert len(tables["config"]["evals"]) == 2 * 10  # 2 tasks x (zero-shot + 9 trained methods)
+    # 2 tasks x (zero-shot + 9 trained methods + dominant's seed 1) + SST-2's calibrated-zero-shot
+    assert len(tables["config"]["evals"]) == 2 * 11 + 1
+    assert len(tables["config"]["selections"]) == 2 * 3  # dominant, layer-0, layer-2 on both tasks
+
+
+def cell_n(acc, method, task) -> int:
+    return int(acc[(acc["method"] == method) & (acc["task"] == task)]["n_seeds"].iloc[0])
 
 
 def planned(proc) -> set[tuple[str, str]]:
@@ -177,34 +210,56 @@ def test_minimal_reruns(workdir, tmp_path):
             print(f"  {rule} {wildcards}")
         return jobs
 
-    def runs(rule, methods, tasks=("sst2", "squad")):
-        return {(rule, f"model=tiny-llama, task={t}, method={m}, seed=0") for t in tasks for m in methods}
+    def runs(rule, methods, tasks=("sst2", "squad"), seed=0):
+        return {(rule, f"model=tiny-llama, task={t}, method={m}, seed={seed}") for t in tasks for m in methods}
 
     tail = {("tables", ""), ("all", "")}
+    layer_family = ["dominant", "layer-0", "layer-2"]  # the layer family has an lr grid in tiny.yaml
+    lrs = base["train"]["hyper"]["layer"]["lr"]
+
+    def grid(tasks=("sst2", "squad")):
+        """Everything of the layer family's grid: every point's run (seed 0), the selections, dominant's seed 1
+        (at the chosen point) and the evaluations."""
+        out = {("zo_train", f"model=tiny-llama, task={t}, method={m}@lr{lr:g}_eps0.001, seed=0")
+               for t in tasks for m in layer_family for lr in lrs}
+        out |= {("select_hyper", f"model=tiny-llama, task={t}, method={m}") for t in tasks for m in layer_family}
+        out |= runs("zo_train", ["dominant"], tasks, seed=1) | runs("evaluate", ["dominant"], tasks, seed=1)
+        return out | runs("evaluate", layer_family, tasks)
+
     # one method's hyperparameter: that method's training and evaluation jobs, then the tables
     lora = plan(lambda c: c["train"]["hyper"]["lora"].update(lr=2e-3), what="train.hyper.lora.lr")
     assert lora == runs("zo_train", ["lora-zo"]) | runs("evaluate", ["lora-zo"]) | tail
     # a new task: its data, its runs, its zero-shot evaluation, the tables; nothing else
     cb = plan(lambda c: c["tasks"].update(cb={"source": "local:tests/fixtures", "train": 4, "dev": 2, "test": 4}),
               what="tasks (adding cb)")
-    methods = ["mezo-full", "lora-zo", "dominant", "dominant-lora", "sparse-mezo", "fo-adamw", "fo-layer-2",
-               "layer-0", "layer-2"]
-    assert cb == ({("prepare_data", "task=cb"), ("evaluate_zero_shot", "model=tiny-llama, task=cb")}
-                  | runs("zo_train", methods, ["cb"]) | runs("evaluate", methods, ["cb"]) | tail)
-    # a sensitivity setting: only the profile (before the code edits below, which stay in place)
-    assert plan(lambda c: c["probe"]["sensitivity"].update(k=3)) == {("probe_sensitivity", "model=tiny-llama")} | tail
+    plain = ["mezo-full", "lora-zo", "dominant-lora", "sparse-mezo", "fo-adamw", "fo-layer-2"]
+    assert cb == ({("prepare_data", "task=cb"), ("evaluate_zero_shot", "model=tiny-llama, task=cb"),
+                   ("evaluate_calibrated", "model=tiny-llama, task=cb")}
+                  | runs("zo_train", plain, ["cb"]) | runs("evaluate", plain, ["cb"]) | grid(["cb"]) | tail)
+    # a grid point added: each grid method's new point, its selection, and what the selection feeds (the
+    # choice may move: dominant's seed 1 and every grid method's evaluation); nothing else
+    wider = plan(lambda c: c["train"]["hyper"]["layer"].update(lr=[*lrs, 1e-1]), what="train.hyper.layer.lr")
+    assert wider == ({("zo_train", f"model=tiny-llama, task={t}, method={m}@lr0.1_eps0.001, seed=0")
+                      for t in ("sst2", "squad") for m in layer_family}
+                     | {j for j in grid() if not (j[0] == "zo_train" and "@" in j[1])} | tail)
+    # a sensitivity setting: only that profile and the gradient norms' figure, which draws it (before the
+    # code edits below, which stay in place)
+    assert plan(lambda c: c["probe"]["sensitivity"].update(k=3)) == {
+        ("probe_sensitivity", "model=tiny-llama"), ("probe_gradnorm", "model=tiny-llama")} | tail
+    assert plan(lambda c: c["probe"]["gradnorm"].update(batches=3)) == {("probe_gradnorm", "model=tiny-llama")} | tail
     # the table code: only the tables
     assert plan(touch="src/dlzo/tables.py") == tail
     assert plan(touch="src/dlzo/figures.py") == tail
     # the ZO code: every training job and what follows it, and the sensitivity profile (it draws ZO's z);
     # not the data, model or probe
     zo = plan(touch="src/dlzo/zo.py")
-    assert zo == runs("zo_train", methods) | runs("evaluate", methods) | tail | {
-        ("probe_sensitivity", "model=tiny-llama"), ("all", "")}
+    assert zo == runs("zo_train", plain) | runs("evaluate", plain) | tail | grid() | {
+        ("probe_sensitivity", "model=tiny-llama"), ("probe_gradnorm", "model=tiny-llama")}
 
 
-GPU_RULES = {"probe_outliers", "probe_sensitivity", "zo_train", "evaluate", "evaluate_zero_shot"}
-LIGHT_RULES = {"download_model", "prepare_data", "tables", "all"}  # localrules: they stay on the head node
+GPU_RULES = {"probe_outliers", "probe_sensitivity", "probe_gradnorm", "zo_train", "evaluate", "evaluate_zero_shot",
+             "evaluate_calibrated"}
+LIGHT_RULES = {"download_model", "prepare_data", "select_hyper", "tables", "all"}  # localrules: on the head node
 
 
 def test_slurm_profile_and_resources_scale_with_the_model():
@@ -234,7 +289,8 @@ def slurm_config(workdir: Path) -> dict:
                            "resources": {"gpu": 2, "mem_mb": 16000, "runtime": 120}},
     }
     cfg["tasks"] = {"sst2": cfg["tasks"]["sst2"]}
-    cfg.update(methods=["zero-shot", "dominant"], sweep_layers=[])
+    cfg.update(methods=["zero-shot", "dominant"], sweep_layers=[], method_seeds={})
+    cfg["train"]["hyper"]["layer"]["lr"] = 1.0e-3  # no grid: one training job per model
     return cfg
 
 
@@ -276,11 +332,12 @@ def test_tiny_dag_through_the_slurm_executor_plugin(tmp_path_factory):
         step = srun[str(rec["jobid"])]  # inside the job, the jobstep plugin ran the rule through srun
         assert step["flags"]["--gpus"] == str(res["gpu"]) and "snakemake" in " ".join(step["command"])
     assert collections.Counter(rule for rule, _, _ in jobs) == {
-        "probe_outliers": 2, "probe_sensitivity": 2, "zo_train": 2, "evaluate": 2, "evaluate_zero_shot": 2}
-    assert {rule for rule, _, _ in jobs} == GPU_RULES and len(sbatch) == len(jobs) == 10
+        "probe_outliers": 2, "probe_sensitivity": 2, "probe_gradnorm": 2, "zo_train": 2, "evaluate": 2,
+        "evaluate_zero_shot": 2, "evaluate_calibrated": 2}
+    assert {rule for rule, _, _ in jobs} == GPU_RULES and len(sbatch) == len(jobs) == 14
     big, small = jobs["zo_train", "tiny-llama-big", "dominant"]["flags"], jobs["zo_train", "tiny-llama", "dominant"]["flags"]
     assert int(big["--mem"]) > int(small["--mem"]) and int(big["-t"]) > int(small["-t"])  # scales with the model
-    for rule in LIGHT_RULES:  # the light rules ran on the head node
+    for rule in LIGHT_RULES - {"select_hyper"}:  # the light rules ran on the head node (no grid here)
         assert re.search(rf"^localrule {rule}:", log, re.M), rule
     tools = collections.Counter(json.loads(line)["tool"] for line in (state / "calls.jsonl").read_text().splitlines())
     assert tools["sacct"] >= 2 and tools["sacctmgr"] >= 1 and tools["sinfo"] >= 1  # account guess, check, status
@@ -289,7 +346,7 @@ def test_tiny_dag_through_the_slurm_executor_plugin(tmp_path_factory):
     res = root / "results/tiny"
     acc = pd.read_csv(res / "tables/accuracy.csv")
     assert set(acc["model"]) == {"tiny-llama", "tiny-llama-big"}
-    assert set(acc["method"]) == {"zero-shot", "dominant"} and acc["mean"].between(0, 100).all()
+    assert set(acc["method"]) == {"zero-shot", "calibrated-zero-shot", "dominant"} and acc["mean"].between(0, 100).all()
     commit = head_commit(root)
     for model in cfg["models"]:
         def made_by(rule, method=""):
@@ -315,8 +372,8 @@ def test_paper_config_plans_the_whole_dag_offline(workdir):
     jobs = planned_jobs(proc)
     runs = 2 * 9 * 7 + 9 * (32 + 36)  # (models x tasks x baselines, FO and Sparse-MeZO too) + every layer
     assert jobs == {"download_model": 2, "prepare_data": 9, "probe_outliers": 2, "probe_sensitivity": 2,
-                    "zo_train": runs,
-                    "evaluate": runs, "evaluate_zero_shot": 18, "tables": 1, "all": 1}
+                    "probe_gradnorm": 2, "zo_train": runs, "evaluate": runs, "evaluate_zero_shot": 18,
+                    "evaluate_calibrated": 2 * 7, "tables": 1, "all": 1}
 
 
 def test_lint_is_clean(workdir):
@@ -349,6 +406,11 @@ BAD_CONFIGS = {
     "fo-without-hyper": (lambda c: c["train"]["hyper"].pop("fo"), "train.hyper.fo"),
     "sparsity-one": (lambda c: c["train"]["hyper"]["sparse"].update(sparsity=1.0), "sparsity"),
     "fo-epochs-and-steps": (lambda c: c["train"]["hyper"]["fo"].update(steps=3), "fo"),
+    "grid-lr-negative": (lambda c: c["train"]["hyper"]["full"].update(lr=[1e-3, -1e-3]), "lr"),
+    "grid-empty": (lambda c: c["train"]["hyper"]["lora"].update(eps=[]), "eps"),
+    "method-seeds-unknown-method": (lambda c: c.update(method_seeds={"adamw": [0]}), "method_seeds.adamw"),
+    "gradnorm-unknown-task": (lambda c: c["probe"]["gradnorm"].update(task="mnli"), "probe.gradnorm.task"),
+    "calibration-l2-negative": (lambda c: c["evaluate"].update(calibration_l2=[-1]), "calibration_l2"),
 }
 
 

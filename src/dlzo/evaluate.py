@@ -110,7 +110,7 @@ def _write_text(path: Path, text: str) -> None:
         tmp.write_text(text)
 
 
-def write_task_yaml(task: str, test_jsonl: str | Path, out_dir: str | Path) -> str:
+def write_task_yaml(task: str, test_jsonl: str | Path, out_dir: str | Path, name: str | None = None) -> str:
     """Write ``<out_dir>/dlzo_<task>.yaml`` (+ utils.py for generation) over ``test_jsonl``.
 
     Fields are named directly (doc_to_text: prompt), not as Jinja templates: lm-eval then returns the
@@ -126,7 +126,7 @@ def write_task_yaml(task: str, test_jsonl: str | Path, out_dir: str | Path) -> s
     records = read_jsonl(test_jsonl)
     kind, _ = task_kind(task, records)
     _check_records(records, kind, test_jsonl)
-    name = f"dlzo_{task}"
+    name = name or f"dlzo_{task}"
     out_dir = Path(out_dir)
     q = json.dumps  # JSON strings are valid YAML scalars, and quote any path safely
     lines = [f"task: {name}", "dataset_path: json",
@@ -204,6 +204,141 @@ def evaluate(model, tokenizer, task: str, data_dir, tasks_dir, batch_size: int =
     return result
 
 
+# --- calibrated-zero-shot: the bias-only baseline -------------------------------------------------------
+
+def candidate_scores(model, tokenizer, task: str, files: dict, tasks_dir, batch_size: int = 8) -> dict:
+    """Per split, lm-eval's log-likelihood of every candidate of every record: {split: (scores, labels, metric)}.
+
+    ``files`` maps split -> JSONL. One lm-eval task per split (``dlzo_<task>_<split>``), samples logged; the
+    score is what the task's headline metric compares: the log-likelihood (acc), or divided by the
+    candidate's length in characters (acc_norm, as lm-eval does)."""
+    import lm_eval
+    import torch
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    names = {split: write_task_yaml(task, path, tasks_dir, name=f"dlzo_{task}_{split}") for split, path in files.items()}
+    kind, headline = task_kind(task, read_jsonl(next(iter(files.values()))))
+    if kind != "multiple_choice":
+        raise DLZOError(f"calibrated-zero-shot needs a multiple-choice task; {task!r} is {kind}")
+    dtype = next(model.parameters()).dtype
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
+              softmax_dtype=torch.float32 if dtype in (torch.float16, torch.bfloat16) else None)
+    out = lm_eval.simple_evaluate(
+        model=lm, tasks=list(names.values()), num_fewshot=0, use_cache=None, cache_requests=False,
+        log_samples=True, write_out=False, bootstrap_iters=0,
+        task_manager=TaskManager(include_path=str(Path(tasks_dir).resolve()), include_defaults=False))
+    result = {}
+    for split, name in names.items():
+        records = read_jsonl(files[split])
+        samples = sorted(out["samples"][name], key=lambda x: x["doc_id"])
+        if len(samples) != len(records):
+            raise DLZOError(f"lm-eval scored {len(samples)} of the {len(records)} records of {files[split]}")
+        scores = []
+        for rec, smp in zip(records, samples):
+            lls = [float(r[0][0] if isinstance(r[0], (list, tuple)) else r[0]) for r in smp["resps"]]
+            if headline == "acc_norm":
+                lls = [ll / max(len(c), 1) for ll, c in zip(lls, rec["candidates"])]
+            scores.append(lls)
+        lm_metric = _flatten(out["results"][name]).get(headline)
+        result[split] = (scores, [int(r["label"]) for r in records], headline, lm_metric)
+    return result
+
+
+def fit_offsets(scores, labels, l2: float):
+    """One offset per candidate position, by maximum likelihood of softmax(score + offset) on (scores,
+    labels) with an L2 penalty (float64 L-BFGS, deterministic). The first offset is held at 0 when l2 = 0."""
+    import torch
+
+    s = torch.tensor(scores, dtype=torch.float64)
+    y = torch.tensor(labels)
+    free = torch.zeros(s.shape[1] - (1 if l2 == 0 else 0), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([free], lr=1.0, max_iter=200, tolerance_grad=1e-10, tolerance_change=1e-12,
+                            line_search_fn="strong_wolfe")
+
+    def offsets():
+        return torch.cat([torch.zeros(1, dtype=torch.float64), free]) if l2 == 0 else free
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(s + offsets(), y) + l2 * (offsets() ** 2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return [float(v) for v in offsets().detach()]
+
+
+def _argmax_first(sc) -> int:
+    """The first index of the largest score (lm-eval's np.argmax breaks ties the same way)."""
+    return max(range(len(sc)), key=lambda k: (sc[k], -k))
+
+
+def _accuracy(scores, labels, offsets) -> float:
+    hits = [_argmax_first([a + b for a, b in zip(sc, offsets)]) == y for sc, y in zip(scores, labels)]
+    return sum(hits) / len(hits)
+
+
+def calibrate(model, tokenizer, task: str, data_dir, tasks_dir, batch_size: int = 8,
+              l2s=(0.0, 0.01, 0.1, 1.0)) -> dict:
+    """calibrated-zero-shot: offsets fitted on train for each L2 strength, the strength with the best dev
+    accuracy kept (ties: the lower dev cross-entropy), its test accuracy reported."""
+    import math
+
+    data_dir = Path(data_dir)
+    files = {split: data_dir / f"{split}.jsonl" for split in ("train", "dev", "test")}
+    for split, path in files.items():
+        if not path.exists():
+            raise DLZOError(f"{path} does not exist: calibrated-zero-shot fits on train, chooses on dev and "
+                            f"reports test; run the data rule for task {task!r} first")
+        if not read_jsonl(path):
+            raise DLZOError(f"{path} has no records: calibrated-zero-shot needs a non-empty {split} split")
+    started = time.time()
+    sc = candidate_scores(model, tokenizer, task, files, tasks_dir, batch_size)
+    (tr, ytr, metric, _), (dv, ydv, _, _), (te, yte, _, lm_test) = sc["train"], sc["dev"], sc["test"]
+    k = {len(x) for split in sc.values() for x in split[0]}
+    if len(k) != 1:
+        raise DLZOError(f"task {task!r}: calibrated-zero-shot needs the same number of candidates in every record "
+                        f"(got {sorted(k)})")
+
+    def dev_ce(off):
+        tot = 0.0
+        for s_, y in zip(dv, ydv):
+            z = [a + b for a, b in zip(s_, off)]
+            m = max(z)
+            tot += m + math.log(sum(math.exp(v - m) for v in z)) - z[y]
+        return tot / len(dv)
+
+    grid = []
+    for l2 in l2s:
+        off = fit_offsets(tr, ytr, float(l2))
+        grid.append({"l2": float(l2), "offsets": off, "train_acc": _accuracy(tr, ytr, off),
+                     "dev_acc": _accuracy(dv, ydv, off), "dev_ce": dev_ce(off)})
+    best = max(range(len(grid)), key=lambda i: (grid[i]["dev_acc"], -grid[i]["dev_ce"], -i))
+    chosen = grid[best]
+    zero = [0.0] * len(chosen["offsets"])
+    uncal = _accuracy(te, yte, zero)
+    value = _accuracy(te, yte, chosen["offsets"])
+    seconds = time.time() - started
+    result = {"task": task, "kind": "multiple_choice", "metric": metric, "value": value,
+              "metrics": {metric: value, f"{metric}_uncalibrated": uncal, f"dev_{metric}": chosen["dev_acc"],
+                          f"dev_{metric}_uncalibrated": _accuracy(dv, ydv, zero),
+                          f"train_{metric}": chosen["train_acc"], f"train_{metric}_uncalibrated": _accuracy(tr, ytr, zero)},
+              "offsets": chosen["offsets"], "l2": chosen["l2"], "grid": grid,
+              "predicted_share": [sum(_argmax_first([a + b for a, b in zip(s_, chosen["offsets"])]) == c for s_ in te) / len(te)
+                                  for c in range(len(zero))],
+              "uncalibrated_predicted_share": [sum(_argmax_first(s_) == c for s_ in te) / len(te) for c in range(len(zero))],
+              # the uncalibrated test accuracy recomputed from the logged samples equals lm-eval's own metric
+              "lm_eval_test_metric": lm_test, "n": len(te), "n_train": len(tr), "n_dev": len(dv),
+              "seconds": round(seconds, 3), "batch_size": batch_size}
+    if lm_test is not None and abs(lm_test - uncal) > 1e-9:
+        raise DLZOError(f"calibrated-zero-shot on {task}: the test {metric} recomputed from lm-eval's samples "
+                        f"({uncal:.4f}) differs from lm-eval's ({lm_test:.4f})")
+    print(f"[calibrate] {task}: {metric} {uncal:.4f} -> {value:.4f} (offsets {[round(o, 3) for o in chosen['offsets']]}, "
+          f"l2 {chosen['l2']}, dev {chosen['dev_acc']:.4f}) in {seconds:.1f} s", file=sys.stderr)
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m dlzo.evaluate", description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help="base model folder (config.json, weights, tokenizer)")
@@ -215,6 +350,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--limit", type=int, help="first N test examples only (smoke tests)")
     add_runtime_args(p)
+    p.add_argument("--calibrate", action="store_true",
+                   help="calibrated-zero-shot: the frozen model's candidate scores plus one offset per candidate, "
+                        "fitted on train.jsonl, chosen on dev.jsonl, reported on test.jsonl (multiple choice only)")
+    p.add_argument("--calibration-l2", type=float, nargs="+", default=[0.0, 0.01, 0.1, 1.0],
+                   help="--calibrate: L2 strengths tried on the offsets (the best dev accuracy is kept)")
     p.add_argument("--method", help="recorded in the result only")
     p.add_argument("--seed", type=int, help="recorded in the result only")
     args = p.parse_args(argv)
@@ -236,11 +376,18 @@ def main(argv: list[str] | None = None) -> int:
         model = load_tuned_model(args.model, args.run, device, dtype)
     else:
         model = load_model(args.model, device, dtype)
-    result = evaluate(model, tokenizer, args.task, data_dir, tasks_dir, args.batch_size, args.limit)
+    if args.calibrate:
+        if args.run:
+            raise DLZOError("--calibrate is the frozen model's baseline: it takes no --run")
+        result = calibrate(model, tokenizer, args.task, data_dir, tasks_dir, args.batch_size, args.calibration_l2)
+        result["lm_eval_task"] = f"dlzo_{args.task}_test"
+    else:
+        result = evaluate(model, tokenizer, args.task, data_dir, tasks_dir, args.batch_size, args.limit)
     meta = read_json(data_dir / "meta.json", "data meta file") if (data_dir / "meta.json").exists() else {}
     result.update(
         model=str(args.model), run=args.run, data=str(data_dir), tasks_dir=str(tasks_dir),
-        method=args.method or ("zero-shot" if not args.run else None), seed=args.seed,
+        method=args.method or ("calibrated-zero-shot" if args.calibrate else "zero-shot" if not args.run else None),
+        seed=args.seed,
         protocol=meta.get("protocol"),
         # reproduces base-model numbers only: a tuned run must first be saved as a model folder
         lm_eval_cli=cli_command(args.model, tasks_dir, result["lm_eval_task"], args.batch_size,

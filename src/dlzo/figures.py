@@ -249,3 +249,22 @@ def memory_accuracy(acc: pd.DataFrame, speed: pd.DataFrame, png) -> None:
     for k in range(len(panels), len(axes) * ncols):
         axes[k // ncols][k % ncols].set_axis_off()
     _save(plt, fig, png, legend)
+
+
+def layer_predictors(evals: pd.DataFrame, probe: dict, sens: dict, grad: dict, model: str, png) -> None:
+    """The three per-layer predictors (probe, ZO sensitivity, first-order gradient norm) and, below them, the
+    sweep's test value per task minus zero-shot (or the raw value where a task has no zero-shot row)."""
+    from dlzo.probe import plot_predictors
+
+    sweep, raw = {}, False
+    sub = evals[(evals["model"] == model) & evals["method"].str.fullmatch(SWEEP.pattern)]
+    for task in sorted(sub["task"].unique()):
+        t = sub[sub["task"] == task]
+        zs = evals[(evals["model"] == model) & (evals["task"] == task) & (evals["method"] == "zero-shot")]["value"]
+        raw |= zs.empty
+        base = float(zs.mean()) if not zs.empty else 0.0
+        means = t.assign(layer=t["method"].str.slice(6).astype(int)).groupby("layer")["value"].mean()
+        sweep[task] = {int(k): float(v) - base for k, v in means.items()}
+    plot_predictors(probe, sens, grad, png, title=f"{model}: three predictors of the layer to tune"
+                    + (", and the sweep" if sweep else ""), sweep=sweep or None,
+                    sweep_label="sweep: test value (%)" if raw else None)

@@ -486,6 +486,14 @@ def plot_sensitivity(sens: dict, png_path, title: str | None = None) -> None:
         fig.savefig(tmp, format="png", dpi=150)
 
 
+def _training_batch_args(ap, what: str) -> None:
+    """The arguments of the profiles that run on training batches: model, data, task, output."""
+    ap.add_argument("--model", required=True, help="model folder (config.json + weights + tokenizer)")
+    ap.add_argument("--data", required=True, help="prepared task folder (its train.jsonl) or a train.jsonl")
+    ap.add_argument("--task", required=True, help="task name (decides the objective)")
+    ap.add_argument("--out", required=True, help=f"{what} to write")
+
+
 def sensitivity_main(argv: list[str] | None = None) -> int:
     from dlzo.models import load_model, load_tokenizer
     from dlzo.runtime import add_runtime_args, provenance, setup_runtime
@@ -494,10 +502,7 @@ def sensitivity_main(argv: list[str] | None = None) -> int:
         prog="python -m dlzo.probe sensitivity",
         description="Perturbation-sensitivity profile: per decoder layer, K single-layer ZO perturbations at "
                     "eps on a few training batches; the spread of (L(+)-L(-))/2eps and of |L(+)-L(-)|.")
-    ap.add_argument("--model", required=True, help="model folder (config.json + weights + tokenizer)")
-    ap.add_argument("--data", required=True, help="prepared task folder (its train.jsonl) or a train.jsonl")
-    ap.add_argument("--task", required=True, help="task name (decides the objective)")
-    ap.add_argument("--out", required=True, help="sensitivity JSON to write")
+    _training_batch_args(ap, "sensitivity JSON")
     ap.add_argument("--plot", default=None, help="also write the profile as a PNG")
     ap.add_argument("--probe", default=None, help="probe.json: its first outlier layer is recorded and marked")
     ap.add_argument("--k", type=int, default=8, help="perturbations (draws of z) per layer")
@@ -540,6 +545,181 @@ def sensitivity_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+# --- first-order gradient norms per layer ------------------------------------------------------------
+
+def gradient_norms(model, batches: list) -> dict:
+    """Per decoder layer: |grad of the training loss w.r.t. the layer's parameters|, by backpropagation on
+    each batch (``dlzo.objectives.Batch``, the training objective). Each parameter's gradient is squared
+    and summed by a hook the moment it is accumulated, then freed, so memory stays near inference (no
+    full set of gradients is ever held). Reported per layer: the RMS over batches of the per-batch norm,
+    sqrt(mean_b |g_b|^2), which is what the sensitivity profile's RMS(g) estimates (E[g^2] = |grad|^2)."""
+    from dlzo.models import decoder_layers
+    from dlzo.objectives import loss as objective_loss
+
+    if not batches:
+        raise DLZOError("the gradient-norm profile needs at least one batch")
+    layers = decoder_layers(model)
+    owner = {id(p): i for i, layer in enumerate(layers) for p in layer.parameters()}
+    n = len(layers)
+    sq = [[0.0] * len(batches) for _ in range(n)]
+    rest = [0.0] * len(batches)
+    current = {"b": 0}
+    hooks, flags = [], []
+    for p in model.parameters():
+        flags.append((p, p.requires_grad))
+        p.requires_grad_(True)
+
+        def hook(param, i=owner.get(id(p))):
+            v = float(param.grad.detach().double().pow(2).sum())
+            if i is None:
+                rest[current["b"]] += v
+            else:
+                sq[i][current["b"]] += v
+            param.grad = None
+
+        hooks.append(p.register_post_accumulate_grad_hook(hook))
+    losses = []
+    try:
+        was_training = model.training
+        model.eval()  # no dropout: the same function the ZO probes evaluate
+        for b_i, batch in enumerate(batches):
+            current["b"] = b_i
+            batch.memo.clear()
+            loss = objective_loss(model, batch)
+            losses.append(loss.item())
+            loss.backward()
+        model.train(was_training)
+    finally:
+        for h in hooks:
+            h.remove()
+        for p, flag in flags:
+            p.grad = None
+            p.requires_grad_(flag)
+    n_params = [sum(q.numel() for q in layer.parameters()) for layer in layers]
+    out = [{"index": i, "n_params": n_params[i], "sq_norm_per_batch": sq[i],
+            "rms_norm": math.sqrt(sum(sq[i]) / len(batches)),
+            "rms_norm_per_param": math.sqrt(sum(sq[i]) / len(batches) / max(n_params[i], 1))}
+           for i in range(n)]
+    top = max(out, key=lambda L: L["rms_norm"])
+    return {"num_layers": n, "batches": len(batches), "losses": losses, "layers": out,
+            "other_params_rms_norm": math.sqrt(sum(rest) / len(batches)), "largest_gradient_layer": top["index"],
+            "stats": "rms_norm = sqrt(mean over batches of |grad_b|^2) over the layer's parameters; "
+                     "grad_b = d(training loss of batch b)/d(theta), fp32 backprop, model in eval mode"}
+
+
+def gradnorm_main(argv: list[str] | None = None) -> int:
+    from dlzo.models import load_model, load_tokenizer
+    from dlzo.runtime import add_runtime_args, peak_memory_mb, provenance, setup_runtime
+    from dlzo.train import measure_inference
+
+    ap = argparse.ArgumentParser(
+        prog="python -m dlzo.probe gradnorm",
+        description="Per-layer first-order gradient norms: backprop of the training loss on a few training "
+                    "batches (the ones a training run with --seed sees first), at near-inference memory.")
+    _training_batch_args(ap, "gradient-norm JSON")
+    ap.add_argument("--batches", type=int, default=4)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--seed", type=int, default=0, help="batch choice, as a training run's --seed")
+    ap.add_argument("--max-len", type=int, default=256)
+    ap.add_argument("--probe", default=None, help="probe.json: recorded, with the rank of its layer")
+    ap.add_argument("--sensitivity", default=None, help="sensitivity.json: with --probe, draw the three "
+                                                        "layer predictors in one figure (--plot)")
+    ap.add_argument("--plot", default=None, help="PNG of the predictors (needs --probe and --sensitivity)")
+    add_runtime_args(ap)
+    args = ap.parse_args(argv)
+    if args.plot and not (args.probe and args.sensitivity):
+        ap.error("--plot draws the three predictors: it needs --probe and --sensitivity")
+
+    started = time.time()
+    device, dtype = setup_runtime(args)
+    model = load_model(args.model, device, dtype)
+    tokenizer = load_tokenizer(args.model)
+    batches, ids = sensitivity_batches(tokenizer, args.data, args.task, args.batches, args.batch_size, args.seed,
+                                       args.max_len, device)
+    inference_mb = measure_inference(model, batches[0], device)  # first: CPU peak RSS only grows
+    result = gradient_norms(model, batches)
+    probe_layer = read_json(args.probe, "probe file").get("first_outlier_layer") if args.probe else None
+    by_norm = sorted(result["layers"], key=lambda L: -L["rms_norm"])
+    result.update(model=str(args.model), task=args.task, data=str(args.data), objective=batches[0].objective,
+                  batch_size=len(ids[0]), batch_ids=ids, max_len=args.max_len, seed=args.seed, probe=args.probe,
+                  probe_layer=probe_layer,
+                  probe_layer_rank=next((r for r, L in enumerate(by_norm, 1) if L["index"] == probe_layer), None),
+                  peak_memory_mb=peak_memory_mb(device), inference_peak_mb=inference_mb,
+                  provenance=provenance(device, dtype, started, config=vars(args)))
+    write_json(args.out, result)
+    if args.plot:
+        plot_predictors(read_json(args.probe, "probe file"), read_json(args.sensitivity, "sensitivity file"),
+                        result, args.plot, title=f"{Path(args.model).name}: three predictors of the layer to tune")
+    print(f"{Path(args.model).name}: largest gradient at layer {result['largest_gradient_layer']}"
+          + (f"; the probe's layer {probe_layer} ranks {result['probe_layer_rank']} of {len(by_norm)}"
+             if result["probe_layer_rank"] else ""))
+    return 0
+
+
+def plot_predictors(probe_dict: dict, sens: dict, grad: dict, png_path, title: str | None = None,
+                    sweep: dict | None = None, sweep_label: str | None = None) -> None:
+    """The three per-layer predictors of the layer to tune, on one layer axis: the outlier profile (max|h|),
+    the ZO sensitivity (RMS of the projected gradient) and the first-order gradient norm; optionally a
+    fourth panel with the sweep's result per task (``sweep``: task -> {layer: value}). PNG, atomic."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    panels = 3 + (1 if sweep else 0)
+    fig = Figure(figsize=(7.5, 2.2 * panels + 0.6))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(panels, 1, sharex=True)
+    lx = [L["index"] for L in probe_dict["layers"]]
+    ax = axes[0]
+    ax.plot(lx, [L["max_abs"] for L in probe_dict["layers"]], "-o", color="black", ms=3.5, label="max |h|")
+    ax.plot(lx, [L["median_abs"] for L in probe_dict["layers"]], "--s", color="0.45", mfc="white", ms=3,
+            label="median |h|")
+    t = probe_dict.get("thresholds") or {}
+    if t.get("abs"):
+        ax.axhline(t["abs"], color="0.3", ls=":", lw=1, label=f"abs threshold {t['abs']:g}")
+    ax.set_yscale("log")
+    ax.set_ylabel("outlier probe\n|layer output|")
+    sx = [L["index"] for L in sens["layers"]]
+    axes[1].plot(sx, [L["g"]["rms"] for L in sens["layers"]], "-^", color="black", ms=4,
+                 label=f"RMS of g ({sens['layers'][0]['g']['n']} draws)")
+    axes[1].set_yscale("log")
+    axes[1].set_ylabel("ZO sensitivity\nRMS((L+ - L-)/2eps)")
+    gx = [L["index"] for L in grad["layers"]]
+    axes[2].plot(gx, [L["rms_norm"] for L in grad["layers"]], "-D", color="black", ms=3.5,
+                 label=f"|grad| (backprop, {grad['batches']} batches)")
+    axes[2].set_yscale("log")
+    axes[2].set_ylabel("first-order\n|grad of the layer|")
+    tops = [(axes[0], probe_dict.get("first_outlier_layer"), "first outlier layer"),
+            (axes[1], max(sens["layers"], key=lambda L: L["g"]["rms"])["index"], "largest"),
+            (axes[2], grad["largest_gradient_layer"], "largest")]
+    styles = ["-o", "--s", ":^", "-.D", "-v", "--x"]
+    if sweep:
+        axs = axes[3]
+        for n_, (task, vals) in enumerate(sorted(sweep.items())):
+            xs = sorted(vals)
+            # markers at the swept layers; the thin line only guides the eye across unswept ones
+            axs.plot(xs, [vals[x] for x in xs], styles[n_ % len(styles)], color="black" if n_ % 2 == 0 else "0.4",
+                     mfc="white", ms=4.5, lw=0.7, label=task)
+        axs.axhline(0, color="0.6", lw=0.7)
+        axs.set_ylabel(sweep_label or "sweep: test value\nminus zero-shot (points)")
+    probe_layer = probe_dict.get("first_outlier_layer")
+    for i, ax in enumerate(axes):
+        ax.grid(True, which="major", color="0.9", lw=0.6)
+        if probe_layer is not None:
+            ax.axvline(probe_layer, color="0.45", ls=":", lw=1.3, zorder=0)
+        ax.legend(fontsize=7.5, loc="best", frameon=True, framealpha=0.9)
+    for ax, k, what in tops:
+        if k is not None:
+            ax.annotate(f"{what}: layer {k}", xy=(k, 1.0), xycoords=("data", "axes fraction"), xytext=(3, -11),
+                        textcoords="offset points", fontsize=7.5)
+    axes[-1].set_xlabel("decoder layer (0-based); dotted line: the probe's first outlier layer")
+    axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.suptitle(title or "three predictors of the layer to tune", fontsize=11)
+    fig.tight_layout()
+    with atomic_path(png_path) as tmp:
+        fig.savefig(tmp, format="png", dpi=150)
+
+
 def main(argv: list[str] | None = None) -> int:
     from dlzo.models import load_model, load_tokenizer
     from dlzo.runtime import add_runtime_args, provenance, setup_runtime
@@ -547,8 +727,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["sensitivity"]:
         return sensitivity_main(argv[1:])
+    if argv[:1] == ["gradnorm"]:
+        return gradnorm_main(argv[1:])
     ap = argparse.ArgumentParser(prog="python -m dlzo.probe", description=__doc__.split("\n\n")[0],
-                                 epilog="python -m dlzo.probe sensitivity --help: the perturbation-sensitivity profile")
+                                 epilog="python -m dlzo.probe sensitivity --help: the perturbation-sensitivity profile; "
+                                        "python -m dlzo.probe gradnorm --help: per-layer first-order gradient norms")
     ap.add_argument("--model", required=True, help="model folder (config.json + weights + tokenizer)")
     ap.add_argument("--out", required=True, help="probe JSON to write")
     ap.add_argument("--calibration", nargs="+", default=None,

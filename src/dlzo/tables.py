@@ -34,8 +34,9 @@ from dlzo.io import atomic_path, read_json, write_json
 from dlzo.runtime import provenance
 
 EVAL_RE = re.compile(r"eval/(?P<model>[^/]+)/(?P<task>[^/]+)/(?:(?P<method>[^/]+)/seed(?P<seed>\d+)|(?P<single>[^/]+))\.json$")
-LOG_RE = re.compile(r"train/(?P<model>[^/]+)/(?P<task>[^/]+)/(?P<method>[^/]+)/seed(?P<seed>\d+)/log\.json$")
-BENCH_RE = re.compile(r"benchmarks/zo_train/(?P<model>[^/]+)/(?P<task>[^/]+)/(?P<method>[^/]+)/seed(?P<seed>\d+)\.tsv$")
+# a grid point's run folder is <method>@lr<lr>[_eps<eps>]: only the point the selection chose counts as the method
+LOG_RE = re.compile(r"train/(?P<model>[^/]+)/(?P<task>[^/]+)/(?P<method>[^/@]+)(?P<tag>@[^/]+)?/seed(?P<seed>\d+)/log\.json$")
+BENCH_RE = re.compile(r"benchmarks/zo_train/(?P<model>[^/]+)/(?P<task>[^/]+)/(?P<method>[^/@]+)(?P<tag>@[^/]+)?/seed(?P<seed>\d+)\.tsv$")
 KEY = ["model", "task", "method", "seed"]
 BEST = "best layer (dev)"
 SWEEP_RE = re.compile(r"layer-\d+")
@@ -102,10 +103,24 @@ LOG_COLUMNS = KEY + ["layer", "layer_from", "tuned_params", "best_dev_loss", "lr
                      "wall_s", "device", "dtype"]
 
 
-def load_logs(paths: list[str]) -> Logs:
+def _unchosen(key: dict, chosen: dict | None, path: str) -> bool:
+    """A grid point's file that the dev split did not choose (it is in the grid table, not in the results)."""
+    if not key.get("tag"):
+        return False
+    pick = (chosen or {}).get((key["model"], key["task"], key["method"]))
+    if pick is None:
+        raise DLZOError(f"{path} is a grid point, but no hyper_selection.json for {key['model']}/{key['task']}/"
+                        f"{key['method']} was given (--selections)")
+    return pick != key["tag"]
+
+
+def load_logs(paths: list[str], chosen: dict | None = None) -> Logs:
+    """Training logs; ``chosen`` maps (model, task, method) to the grid point the selection chose."""
     rows, train_curves, dev_curves = [], {}, {}
     for path in paths:
         key = _match(LOG_RE, path, "training log")
+        if _unchosen(key, chosen, path):
+            continue
         log = read_json(path, "training log")
         t, hyper, prov = log.get("timing") or {}, log.get("hyper") or {}, log.get("provenance") or {}
         k = (key["model"], key["task"], key["method"], int(key["seed"]))
@@ -124,10 +139,12 @@ def load_logs(paths: list[str]) -> Logs:
     return Logs(pd.DataFrame(rows, columns=LOG_COLUMNS), train_curves, dev_curves)
 
 
-def load_benchmarks(paths: list[str]) -> pd.DataFrame:
+def load_benchmarks(paths: list[str], chosen: dict | None = None) -> pd.DataFrame:
     """Snakemake ``benchmark:`` files of the training jobs: the job's wall clock ``s`` and ``max_rss`` (MB)."""
     rows = []
     for path in paths:
+        if _unchosen(_match(BENCH_RE, path, "benchmark file"), chosen, path):
+            continue
         key = _match(BENCH_RE, path, "benchmark file")
         if not Path(path).exists():
             raise DLZOError(f"benchmark file {path} does not exist")
@@ -356,8 +373,9 @@ def _esc_tex(s: str) -> str:
 def to_markdown(tables: list[Table], note: str = "") -> str:
     parts = []
     for t in tables:
-        lines = [f"### {t.title}", "", "| " + " | ".join(t.header) + " |", "|" + "---|" * len(t.header)]
-        lines += ["| " + " | ".join(r) + " |" for r in t.rows]
+        cell = lambda x: str(x).replace("|", "\\|")  # noqa: E731 - a bare | would split the cell
+        lines = [f"### {t.title}", "", "| " + " | ".join(map(cell, t.header)) + " |", "|" + "---|" * len(t.header)]
+        lines += ["| " + " | ".join(map(cell, r)) + " |" for r in t.rows]
         parts.append("\n".join(lines) + (f"\n\n{t.note}" if t.note else ""))
     return "\n\n".join(parts + ([note] if note else [])) + "\n"
 
@@ -462,10 +480,31 @@ def accuracy_tables(acc: pd.DataFrame, runs: pd.DataFrame, evals: pd.DataFrame) 
     return tables
 
 
+def calibration_gap_tables(acc: pd.DataFrame, runs: pd.DataFrame) -> list[Table]:
+    """Per model: each method's mean minus calibrated-zero-shot's, per multiple-choice task, in points: the part
+    of a gain that is more than fixing the label bias (positive), or less (negative)."""
+    tables = []
+    for model, sub in acc[acc["task"] != "avg"].groupby("model", sort=True):
+        cal = sub[sub["method"] == "calibrated-zero-shot"].set_index("task")["mean"]
+        if cal.empty:
+            continue
+        tasks = sorted(cal.index)
+        rows = []
+        for method in order_methods(m for m in sub["method"] if m != "calibrated-zero-shot"):
+            m = sub[sub["method"] == method].set_index("task")
+            cells = [f"{m.loc[t, 'mean'] - cal[t]:+.1f}" if t in m.index else "-" for t in tasks]
+            if any(c != "-" for c in cells):
+                rows.append([_method_label(method, runs, model), *cells])
+        tables.append(Table(f"{model}: test accuracy minus calibrated-zero-shot (points)", [
+            "method", *[f"{t} (calibrated {cal[t]:.1f})" for t in tasks]], rows))
+    return tables
+
+
 ACC_NOTE = ("Accuracy (F1 for SQuAD/DROP) on each task's test split, in percent: mean ± sample std over the n "
             "training seeds (std only where n > 1); avg = mean over tasks, taken per seed first. "
             "'best layer (dev)': per task, the sweep layer with the lowest dev loss (Ln = layer n, 0-based), "
-            "never chosen on test. dominant rows name the layer tuned and whether the outlier probe picked it "
+            "never chosen on test. calibrated-zero-shot: the frozen model's candidate scores plus one offset per candidate "
+            "(fitted on train, chosen on dev); the second table subtracts it from each method. dominant rows name the layer tuned and whether the outlier probe picked it "
             "('probe') or the config pinned it ('pinned'). lr: the learning rate(s) the training logs record.")
 
 
@@ -547,22 +586,145 @@ def comparison_note(names: dict, paper: pd.DataFrame, paper_path) -> str:
 
 # --------------------------------------------------------------------------------------------- driving
 
+# ------------------------------------------------------------------ hyperparameter grids and layer predictors
+
+SEL_COLUMNS = ["model", "task", "method", "point", "lr", "eps", "best_dev_loss", "best_step", "diverged_at_step",
+               "chosen"]
+
+
+def load_selections(paths) -> pd.DataFrame:
+    """select_hyper's JSON files: one row per grid point, ``chosen`` marking the dev split's pick."""
+    rows = []
+    for path in paths:
+        sel = read_json(path, "hyperparameter selection")
+        for p in sel.get("grid", []):
+            rows.append({"model": sel["model"], "task": sel["task"], "method": sel["method"], "point": p["tag"],
+                         "lr": p.get("lr"), "eps": p.get("eps"), "best_dev_loss": _num(p.get("best_dev_loss")),
+                         "best_step": p.get("best_step"), "diverged_at_step": p.get("diverged_at_step"),
+                         "chosen": p["tag"] == sel["chosen"]["tag"]})
+    return pd.DataFrame(rows, columns=SEL_COLUMNS)
+
+
+def selection_tables(sel: pd.DataFrame) -> list[Table]:
+    tables = []
+    for model, sub in sel.groupby("model", sort=True):
+        rows = []
+        for (task, method), g in sorted(sub.groupby(["task", "method"]), key=lambda kv: (kv[0][0], method_key(kv[0][1]))):
+            for r in g.itertuples(index=False):
+                div = f"diverged at step {int(r.diverged_at_step)}" if pd.notna(r.diverged_at_step) else ""
+                rows.append([task, method, _lr_text([r.lr]), _lr_text([r.eps]) or "-", _f(r.best_dev_loss, ".4f"),
+                             "-" if r.best_step is None or pd.isna(r.best_step) else str(int(r.best_step)),
+                             "**chosen**" if r.chosen else "", div])
+        tables.append(Table(f"{model}: learning-rate grids, chosen on the dev split", [
+            "task", "method", "lr", "eps", "dev loss (best checkpoint)", "best step", "", "note"], rows))
+    return tables
+
+
+SEL_NOTE = ("Every grid point trains with the method's first seed; the point with the lowest dev loss (of its best "
+            "checkpoint) is chosen, and the other seeds train at it only. The test split plays no part. A point whose "
+            "loss became non-finite keeps its best checkpoint before that ('diverged').")
+
+
+def _spearman(a: pd.Series, b: pd.Series) -> float:
+    ok = a.notna() & b.notna()
+    if ok.sum() < 3:
+        return math.nan
+    return float(a[ok].rank().corr(b[ok].rank()))
+
+
+def layer_ranking(evals: pd.DataFrame, runs: pd.DataFrame, probes: dict, sens: dict, grads: dict):
+    """Per model and layer: the three predictors (max|h|, ZO RMS(g), first-order |grad|) and, per task, the
+    sweep's test value minus zero-shot and its dev loss; plus per (model, task, predictor) the Spearman
+    correlation over the swept layers and each one's top layer."""
+    per_layer, corr = [], []
+    for model in sorted(set(probes) | set(sens) | set(grads)):
+        pr = {L["index"]: L["max_abs"] for L in (probes.get(model) or {}).get("layers", [])}
+        zo = {L["index"]: L["g"]["rms"] for L in (sens.get(model) or {}).get("layers", [])}
+        fo = {L["index"]: L["rms_norm"] for L in (grads.get(model) or {}).get("layers", [])}
+        layers = sorted(set(pr) | set(zo) | set(fo))
+        df = pd.DataFrame({"model": model, "layer": layers, "max_abs": [pr.get(i) for i in layers],
+                           "zo_rms_g": [zo.get(i) for i in layers], "fo_grad_norm": [fo.get(i) for i in layers]})
+        ev = evals[(evals["model"] == model) & evals["method"].str.fullmatch(SWEEP_RE.pattern)]
+        for task in sorted(ev["task"].unique()):
+            zs = evals[(evals["model"] == model) & (evals["task"] == task) & (evals["method"] == "zero-shot")]["value"]
+            base = float(zs.mean()) if not zs.empty else 0.0
+            t = ev[ev["task"] == task].assign(layer=lambda d: d["method"].str.slice(6).astype(int))
+            gain = t.groupby("layer")["value"].mean() - base
+            dev = runs[(runs["model"] == model) & (runs["task"] == task) &
+                       runs["method"].str.fullmatch(SWEEP_RE.pattern)].assign(
+                layer=lambda d: d["method"].str.slice(6).astype(int)).groupby("layer")["best_dev_loss"].mean()
+            df[f"{task}_test_gain"] = df["layer"].map(gain)
+            df[f"{task}_dev_loss"] = df["layer"].map(dev)
+            swept = df[df[f"{task}_test_gain"].notna()]
+            best_dev = int(swept.loc[swept[f"{task}_dev_loss"].idxmin(), "layer"]) if swept[f"{task}_dev_loss"].notna().any() else None
+            best_test = int(swept.loc[swept[f"{task}_test_gain"].idxmax(), "layer"]) if not swept.empty else None
+            for name, col in (("outlier max|h|", "max_abs"), ("ZO RMS(g)", "zo_rms_g"), ("first-order |grad|", "fo_grad_norm")):
+                if swept[col].notna().sum() == 0:
+                    continue
+                top = int(swept.loc[swept[col].idxmax(), "layer"])
+                corr.append({"model": model, "task": task, "predictor": name, "layers": int(swept[col].notna().sum()),
+                             "spearman_test_gain": _spearman(swept[col], swept[f"{task}_test_gain"]),
+                             "spearman_minus_dev_loss": _spearman(swept[col], -swept[f"{task}_dev_loss"]),
+                             "predictor_top_layer": top, "sweep_best_layer_dev": best_dev,
+                             "sweep_best_layer_test": best_test})
+        first = (probes.get(model) or {}).get("first_outlier_layer")
+        df["probe_first_outlier"] = df["layer"] == first
+        per_layer.append(df)
+    return (pd.concat(per_layer, ignore_index=True) if per_layer else pd.DataFrame(),
+            pd.DataFrame(corr, columns=["model", "task", "predictor", "layers", "spearman_test_gain",
+                                        "spearman_minus_dev_loss", "predictor_top_layer", "sweep_best_layer_dev",
+                                        "sweep_best_layer_test"]))
+
+
+def ranking_tables(per_layer: pd.DataFrame, corr: pd.DataFrame) -> list[Table]:
+    tables = []
+    if not corr.empty:
+        rows = [[r.task, r.predictor, str(r.layers), _f(r.spearman_test_gain, "+.2f"), _f(r.spearman_minus_dev_loss, "+.2f"),
+                 str(r.predictor_top_layer), "-" if r.sweep_best_layer_dev is None or pd.isna(r.sweep_best_layer_dev)
+                 else str(int(r.sweep_best_layer_dev)), "-" if pd.isna(r.sweep_best_layer_test) else str(int(r.sweep_best_layer_test))]
+                for r in corr.itertuples(index=False)]
+        for model in sorted(corr["model"].unique()):
+            tables.append(Table(f"{model}: do the predictors rank the layers as the sweep does?", [
+                "task", "predictor", "layers", "Spearman vs test gain", "Spearman vs -dev loss", "predictor's top layer",
+                "sweep's best (dev)", "sweep's best (test)"], [r for r, m in zip(rows, corr["model"]) if m == model]))
+    for model, df in (per_layer.groupby("model", sort=True) if not per_layer.empty else []):
+        gains = [c for c in df.columns if c.endswith("_test_gain")]
+        rows = [[str(int(r["layer"])) + (" (probe)" if r["probe_first_outlier"] else ""), _f(r["max_abs"], ".4g"),
+                 _f(r["zo_rms_g"], ".3g"), _f(r["fo_grad_norm"], ".3g"), *[_f(r[c], "+.1f") for c in gains]]
+                for _, r in df.iterrows()]
+        tables.append(Table(f"{model}: per-layer predictors and the sweep", [
+            "layer", "max |h|", "ZO RMS(g)", "first-order |grad|",
+            *[f"{c[:-len('_test_gain')]}: test − zero-shot (points)" for c in gains]], rows))
+    return tables
+
+
+RANK_NOTE = ("max |h|: the outlier probe's largest |layer output|; ZO RMS(g): RMS over the sensitivity profile's draws "
+             "of the single-layer projected gradient (it estimates the layer's gradient norm); first-order |grad|: "
+             "backpropagation on a few training batches (RMS over batches). Test gain: the sweep's test value for "
+             "that layer minus zero-shot, in points ('-': layer not swept). Spearman: rank correlation over the "
+             "swept layers between a predictor and the sweep's result (+1: the predictor orders the layers as the "
+             "sweep does).")
+
+
 def write_tables(evals_paths, log_paths, probe_paths, out_dir, bench_paths=(), meta_paths=(), paper_path=None,
-                 paper_map: dict[str, str] | None = None) -> dict:
+                 paper_map: dict[str, str] | None = None, selection_paths=(), sensitivity_paths=(),
+                 gradnorm_paths=()) -> dict:
     from dlzo import figures
 
     out = Path(out_dir)
-    evals, logs = load_evals(evals_paths), load_logs(log_paths)
+    sel = load_selections(list(selection_paths))
+    chosen = {(r.model, r.task, r.method): r.point for r in sel[sel["chosen"]].itertuples(index=False)}
+    evals, logs = load_evals(evals_paths), load_logs(log_paths, chosen)
     if evals.empty:
         raise DLZOError("no evaluation results were given: nothing to tabulate")
-    bench, metas = load_benchmarks(list(bench_paths)), load_metas(list(meta_paths))
+    bench, metas = load_benchmarks(list(bench_paths), chosen), load_metas(list(meta_paths))
     probes = {Path(p).parent.name: read_json(p, "probe result") for p in probe_paths}
     runs = logs.runs
     proto = protocol_note(evals, metas)
 
     acc = accuracy_table(evals, runs)
     files = {"accuracy.csv": acc}
-    acc_t = accuracy_tables(acc, runs, evals)
+    acc_t = accuracy_tables(acc, runs, evals) + calibration_gap_tables(acc, runs)
     texts = {"accuracy.md": to_markdown(acc_t, ACC_NOTE + "\n\n" + proto),
              "accuracy.tex": to_latex(acc_t, ACC_NOTE + "\n" + proto),
              "accuracy.html": to_html(acc_t, "Accuracy", ACC_NOTE + "\n\n" + proto)}
@@ -602,6 +764,24 @@ def write_tables(evals_paths, log_paths, probe_paths, out_dir, bench_paths=(), m
     for name, df in files.items():
         with atomic_path(out / name) as tmp:
             df.to_csv(tmp, index=False, float_format="%.6g")
+    sel_t = selection_tables(sel)
+    texts = {"hyper_selection.md": to_markdown(sel_t, SEL_NOTE) if sel_t else
+             "No method has a grid in this config: every lr and eps is a single value (train.hyper).\n"}
+    sens = {Path(p).parent.name: read_json(p, "sensitivity profile") for p in sensitivity_paths}
+    grads = {Path(p).parent.name: read_json(p, "gradient norms") for p in gradnorm_paths}
+    per_layer, corr = layer_ranking(evals, runs, probes, sens, grads)
+    rank_t = ranking_tables(per_layer, corr)
+    texts["layer_ranking.md"] = to_markdown(rank_t, RANK_NOTE) if rank_t else "No per-layer predictor in this config.\n"
+    for name, text in texts.items():
+        with atomic_path(out / name) as tmp:
+            tmp.write_text(text)
+    for name, df in {"hyper_selection.csv": sel, "layer_ranking.csv": per_layer, "layer_correlations.csv": corr}.items():
+        with atomic_path(out / name) as tmp:
+            df.to_csv(tmp, index=False, float_format="%.6g")
+    for model in sorted(set(sens) & set(grads)):
+        if model in probes:
+            figures.layer_predictors(evals, probes[model], sens[model], grads[model], model,
+                                     out / f"layer_predictors_{model}.png")
     best = best_layer_rows(evals, runs)
     figures.layer_sweep(evals, runs, probes, best, out / "layer_sweep.png")
     figures.loss_curves(logs, best, out / "loss_curves.png")
@@ -625,6 +805,9 @@ def main(argv=None) -> int:
     ap.add_argument("--train-logs", nargs="*", default=[], help="train/<model>/<task>/<method>/seed<s>/log.json")
     ap.add_argument("--probes", nargs="*", default=[], help="probe/<model>/probe.json")
     ap.add_argument("--benchmarks", nargs="*", default=[], help="benchmarks/zo_train/.../seed<s>.tsv (cross-check)")
+    ap.add_argument("--selections", nargs="*", default=[], help="train/<model>/<task>/<method>/hyper_selection.json")
+    ap.add_argument("--sensitivity", nargs="*", default=[], help="probe/<model>/sensitivity.json")
+    ap.add_argument("--gradnorm", nargs="*", default=[], help="probe/<model>/gradnorm.json")
     ap.add_argument("--data-meta", nargs="*", default=[], help="data/<task>/meta.json (the split protocol)")
     ap.add_argument("--paper", default=None, help="CSV of the paper's reported numbers (side-by-side table)")
     ap.add_argument("--paper-name", nargs="*", default=[], help="<our model>=<the paper's model name>")
@@ -633,11 +816,13 @@ def main(argv=None) -> int:
     started = time.time()
     try:
         write_tables(a.evals, a.train_logs, a.probes, a.out, a.benchmarks, a.data_meta, a.paper,
-                     _pairs(a.paper_name))
+                     _pairs(a.paper_name), a.selections, a.sensitivity, a.gradnorm)
     except DLZOError as err:
         print(f"tables: error: {err}", file=sys.stderr)
         return 1
-    inputs = {p: hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in [*a.evals, *a.train_logs, *a.probes, *a.benchmarks, *a.data_meta, *([a.paper] if a.paper else [])]}
+    inputs = {p: hashlib.sha256(Path(p).read_bytes()).hexdigest()
+              for p in [*a.evals, *a.train_logs, *a.probes, *a.benchmarks, *a.selections, *a.sensitivity, *a.gradnorm,
+                        *a.data_meta, *([a.paper] if a.paper else [])]}
     write_json(Path(a.out) / "provenance.json",
                {"inputs_sha256": inputs, "provenance": provenance(started=started, config=vars(a))})
     for name in ("accuracy.md", "paper_comparison.md", "speedup.md"):

@@ -353,6 +353,7 @@ def _train_zo(run: _Run) -> dict:
 
     stop = _Stop()
     step_times = []
+    diverged_at = None
     bar = run.bar(resumed_from)
     with open(partial, "a") as fh:
         for step in bar:
@@ -365,6 +366,11 @@ def _train_zo(run: _Run) -> dict:
                     opt.step(lambda: objective_loss(model, batch, prefix))
             except NonFiniteLoss as err:
                 fh.flush()
+                if args.on_nonfinite == "stop":  # a grid point too large: keep the best checkpoint before it
+                    diverged_at = err.step
+                    print(f"zo_train: {err}; stopping (--on-nonfinite stop): the result is the best dev "
+                          f"checkpoint before step {err.step}", file=sys.stderr)
+                    break
                 raise DLZOError(f"{err}; the trajectory up to step {err.step - 1} is kept in {partial}. "
                                 f"Lower the learning rate (or eps) and rerun") from err
             step_times.append(time.perf_counter() - t0)
@@ -400,6 +406,8 @@ def _train_zo(run: _Run) -> dict:
              "paired_suffix": args.paired_suffix}
     if kind == "sparse-mezo":
         hyper["sparsity"] = args.sparsity
+    if diverged_at is not None:
+        hyper["diverged_at_step"] = diverged_at
     result = run.finish(traj, best, dev_curve, resumed_from, step_times, hyper, opt.timing, train_peak, tuned)
     partial.unlink(missing_ok=True)
     log_path.unlink(missing_ok=True)
@@ -567,6 +575,9 @@ def parse_args(argv=None):
     ap.add_argument("--amp", default="auto", choices=["auto", "bf16", "off"],
                     help="first-order methods: bf16 autocast (auto: on GPU) over fp32 master weights")
     ap.add_argument("--max-grad-norm", type=float, default=1.0, help="first-order methods: clip (0 = off)")
+    ap.add_argument("--on-nonfinite", default="error", choices=["error", "stop"],
+                    help="ZO methods, a non-finite loss: fail (error), or end the run there and keep its best dev "
+                         "checkpoint so far (stop: for grid searches, where a too-large lr is an outcome)")
     ap.add_argument("--save-tuned", default="auto", choices=["auto", "tensors", "replay"],
                     help="tuned.safetensors holds the tuned tensors, or only says to replay the trajectory "
                          "(auto: replay above 5e8 tuned parameters)")

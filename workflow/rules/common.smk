@@ -1,4 +1,5 @@
 # Input functions, the list of runs the config asks for, and checks the JSON schema cannot express.
+import json
 import re
 import sys
 from pathlib import Path
@@ -7,6 +8,8 @@ from snakemake.exceptions import WorkflowError
 
 RESULTS = config.get("results", "results")
 KNOWN_TASKS = ["sst2", "rte", "cb", "boolq", "wsc", "copa", "multirc", "squad", "drop"]
+MULTIPLE_CHOICE_TASKS = ["sst2", "rte", "cb", "boolq", "wsc", "copa", "multirc"]  # calibrated-zero-shot runs on these
+GRID_TAG = re.compile(r"^(?P<base>[^@]+)@lr(?P<lr>[^_]+)(?:_eps(?P<eps>.+))?$")  # a grid point: <method>@lr<lr>[_eps<eps>]
 TRAINED_METHODS = ["mezo-full", "lora-zo", "dominant", "dominant-lora", "sparse-mezo", "fo-adamw"]
 FO_LAYER = re.compile(r"^fo-layer-(\d+)$")  # first-order AdamW on one decoder layer
 
@@ -56,6 +59,14 @@ def _check_config():
         if family in ("fo", "sparse") and family not in hyper:
             config_error(f"train.hyper.{family}", f"method {method} needs this block "
                          f"({'lr and epochs or steps' if family == 'fo' else 'lr, eps and sparsity'})")
+    for method in config.get("method_seeds") or {}:
+        if method != "layer-sweep" and method not in config["methods"] and not re.fullmatch(r"layer-\d+", method):
+            config_error(f"method_seeds.{method}", "no such method in `methods` (or `layer-sweep` for the sweep's "
+                         f"layer-<i> runs); expected one of {', '.join(['layer-sweep', *config['methods']])}")
+    task = config["probe"].get("gradnorm", {}).get("task")
+    if task is not None and task not in config["tasks"]:
+        config_error("probe.gradnorm.task", f"no task named {task} under `tasks` (its training split feeds "
+                     f"the batches); expected one of {', '.join(config['tasks'])}")
     task = config["probe"].get("sensitivity", {}).get("task")
     if task is not None and task not in config["tasks"]:
         config_error("probe.sensitivity.task", f"no task named {task} under `tasks` (its training split feeds "
@@ -66,6 +77,56 @@ def seeds():
     return [int(s) for s in config["seeds"]]
 
 
+def method_seeds(method):
+    """The seeds of ``method``: `method_seeds.<method>` (`layer-sweep` for the sweep's layer-<i>), else `seeds`."""
+    own = config.get("method_seeds") or {}
+    key = "layer-sweep" if re.fullmatch(r"layer-\d+", method) and method not in own else method
+    return [int(s) for s in own.get(key, config["seeds"])]
+
+
+def _values(x):
+    return [float(v) for v in x] if isinstance(x, list) else [float(x)]
+
+
+def hyper_grid(method):
+    """The grid points of ``method`` as run-folder suffixes ('@lr1e-05_eps0.001'), [] when its family's lr and eps
+    are single values (the run folder is then the method's name alone, as before grids existed)."""
+    family = method_family(method)
+    h = config["train"]["hyper"][family]
+    epss = [None] if family == "fo" else _values(h["eps"])
+    points = [(lr, eps) for lr in _values(h["lr"]) for eps in epss]
+    if len(points) == 1:
+        return []
+    return [f"@lr{lr:g}" + (f"_eps{eps:g}" if eps is not None else "") for lr, eps in points]
+
+
+def base_method(method):
+    """The method of a run folder name: 'mezo-full@lr1e-05_eps0.001' -> 'mezo-full'."""
+    return method.split("@", 1)[0]
+
+
+def selection_path(model, task, method):
+    """select_hyper's JSON for a method with a grid: every point's dev loss and the chosen one."""
+    return f"{RESULTS}/train/{model}/{task}/{method}/hyper_selection.json"
+
+
+def picks_from_grid(method, seed):
+    """Whether (method, seed) is the grid's own run: the method's first seed, trained at every point; the
+    chosen point's folder <method>@<point>/seed<s> stands for it (the other seeds train in <method>/seed<s>
+    at the chosen point). No Snakemake checkpoint: which folder it is, is read from the selection at run time."""
+    return bool(hyper_grid(method)) and "@" not in method and int(seed) == method_seeds(method)[0]
+
+
+def result_runs(model, task, method, seed):
+    """The run folder names behind (model, task, method, seed): its own, or every grid point's (first seed)."""
+    return grid_runs(model, task, method) if picks_from_grid(method, seed) else [method]
+
+
+def result_logs(model, task, method, seed):
+    """The training log(s) behind (model, task, method, seed)."""
+    return [f"{RESULTS}/train/{model}/{task}/{run}/seed{seed}/log.json" for run in result_runs(model, task, method, seed)]
+
+
 def trained_methods(model):
     """Every training method for ``model``: the configured baselines plus the layer sweep."""
     methods = [m for m in config["methods"] if m in TRAINED_METHODS or FO_LAYER.match(m)]
@@ -74,6 +135,7 @@ def trained_methods(model):
 
 def method_family(method):
     """Which hyperparameter block of `train.hyper` a method uses."""
+    method = method.split("@", 1)[0]
     if method == "mezo-full":
         return "full"
     if method == "lora-zo":
@@ -96,8 +158,10 @@ def eval_outputs():
         for task in config["tasks"]:
             if "zero-shot" in config["methods"]:
                 out.append(f"{RESULTS}/eval/{model}/{task}/zero-shot.json")
+            if task in MULTIPLE_CHOICE_TASKS:  # the bias-only baseline, in every config
+                out.append(f"{RESULTS}/eval/{model}/{task}/calibrated-zero-shot.json")
             for method in trained_methods(model):
-                for seed in seeds():
+                for seed in method_seeds(method):
                     out.append(f"{RESULTS}/eval/{model}/{task}/{method}/seed{seed}.json")
     return out
 
@@ -110,26 +174,57 @@ def sensitivity_task():
             or next(t for t in KNOWN_TASKS if t in config["tasks"]))
 
 
+def gradnorm_task():
+    """The task whose training split feeds the gradient norms: `probe.gradnorm.task`, else the sensitivity's."""
+    return config["probe"].get("gradnorm", {}).get("task") or sensitivity_task()
+
+
+def sensitivity_enabled():
+    return config["probe"].get("sensitivity", {}).get("enabled", True)
+
+
+def gradnorm_enabled():
+    """The gradient norms draw the three predictors together: they need the sensitivity profile."""
+    return sensitivity_enabled() and config["probe"].get("gradnorm", {}).get("enabled", True)
+
+
 def sensitivity_outputs():
-    if not config["probe"].get("sensitivity", {}).get("enabled", True):
-        return []
-    return [f"{RESULTS}/probe/{model}/{name}" for model in config["models"]
-            for name in ("sensitivity.json", "sensitivity_profile.png")]
+    """The per-layer profiles beside the probe: ZO sensitivity, and (with it) the gradient norms."""
+    out = []
+    for model in config["models"]:
+        if sensitivity_enabled():
+            out += [f"{RESULTS}/probe/{model}/sensitivity.json", f"{RESULTS}/probe/{model}/sensitivity_profile.png"]
+        if gradnorm_enabled():
+            out += [f"{RESULTS}/probe/{model}/gradnorm.json", f"{RESULTS}/probe/{model}/layer_predictors.png"]
+    return out
 
 
 def train_runs():
-    """(model, task, method, seed) of every training job."""
+    """(model, task, method, seed) of every result the tables report: a grid method's chosen point."""
     return [(model, task, method, seed) for model in config["models"] for task in config["tasks"]
-            for method in trained_methods(model) for seed in seeds()]
+            for method in trained_methods(model) for seed in method_seeds(method)]
+
+
+def grid_runs(model, task, method):
+    """Run folder names (method + grid suffix) of the grid search: every point, with the method's first seed."""
+    return [f"{method}{tag}" for tag in hyper_grid(method)]
 
 
 def train_logs():
-    return [f"{RESULTS}/train/{m}/{t}/{meth}/seed{s}/log.json" for m, t, meth, s in train_runs()]
+    """Every training log the tables read: each run's, and every grid point's (the tables keep the chosen)."""
+    return [log for m, t, meth, s in train_runs() for log in result_logs(m, t, meth, s)]
 
 
 def train_benchmarks():
-    """Snakemake's benchmark file of every training job: the tables cross-check the jobs' own timing with them."""
-    return [f"{RESULTS}/benchmarks/zo_train/{m}/{t}/{meth}/seed{s}.tsv" for m, t, meth, s in train_runs()]
+    """Snakemake's benchmark file of every training job the tables read: they cross-check the jobs' timing."""
+    return [f"{RESULTS}/benchmarks/zo_train/{m}/{t}/{run}/seed{s}.tsv" for m, t, meth, s in train_runs()
+            for run in result_runs(m, t, meth, s)]
+
+
+def selections():
+    """select_hyper's JSON of every method that has a grid (the tables show each grid and its choice)."""
+    return [selection_path(m, t, meth) for m in config["models"] for t in config["tasks"]
+            for meth in trained_methods(m) if hyper_grid(meth)]
 
 
 PROTOCOLS = {"hub": "MeZO's hub splits (train/dev sampled from the train split, test from validation)",
@@ -178,25 +273,43 @@ def runtime_args():
 def train_args(wildcards):
     t = config["train"]
     family = method_family(wildcards.method)
-    hyper = t["hyper"][family]
+    hyper = dict(t["hyper"][family])
+    point = GRID_TAG.match(wildcards.method)
+    if point:  # a grid point: its lr (and eps) are in the run folder's name
+        if f"@{wildcards.method.split('@', 1)[1]}" not in hyper_grid(wildcards.method):
+            config_error(f"train.hyper.{family}", f"run {wildcards.method} is not a point of the configured grid "
+                         f"({', '.join(hyper_grid(wildcards.method)) or 'no grid'})")
+        hyper["lr"] = float(point["lr"])
+        if point["eps"] is not None:
+            hyper["eps"] = float(point["eps"])
+    elif hyper_grid(wildcards.method):  # another seed at the grid's pick: lr and eps come from the selection
+        hyper.update(lr=None, eps=None)
+    else:  # a one-value list is a single value
+        hyper.update({k: _values(hyper[k])[0] for k in ("lr", "eps") if k in hyper})
     if family == "fo":  # first-order AdamW: epochs (or steps), a dev checkpoint per epoch unless told
         length = f"--epochs {hyper['epochs']}" if "epochs" in hyper else f"--steps {hyper.get('steps', t['steps'])}"
         args = (f"{length} --batch-size {t['batch_size']} --eval-every {hyper.get('eval_every', 0)} "
-                f"--dev-eval-size {t.get('dev_eval_size', 0)} --max-len {t['max_len']} --lr {hyper['lr']} "
-                f"--weight-decay {hyper.get('weight_decay', 0.0)} --max-grad-norm {hyper.get('max_grad_norm', 1.0)}")
+                f"--dev-eval-size {t.get('dev_eval_size', 0)} --max-len {t['max_len']}"
+                + (f" --lr {hyper['lr']}" if hyper["lr"] is not None else "")
+                + f" --weight-decay {hyper.get('weight_decay', 0.0)} --max-grad-norm {hyper.get('max_grad_norm', 1.0)}")
     else:
         args = (f"--steps {t['steps']} --batch-size {t['batch_size']} --eval-every {t['eval_every']} "
                 f"--dev-eval-size {t.get('dev_eval_size', 0)} --max-len {t['max_len']} "
-                f"--lr {hyper['lr']} --eps {hyper['eps']} --weight-decay {hyper.get('weight_decay', 0.0)}")
+                + (f"--lr {hyper['lr']} --eps {hyper['eps']} " if hyper["lr"] is not None else "")
+                + f"--weight-decay {hyper.get('weight_decay', 0.0)}")
     if family == "sparse":
         args += f" --sparsity {hyper['sparsity']}"
-    if family in ("layer", "layer-lora") or FO_LAYER.match(wildcards.method):
+    if family != "fo" and t.get("restore", "auto") != "auto":  # the default adds nothing: earlier runs stay valid
+        args += f" --restore {t['restore']}"
+    if family in ("layer", "layer-lora") or FO_LAYER.match(base_method(wildcards.method)):
         args += f" --prefix-cache {t.get('prefix_cache', 'auto')}"
         if t.get("paired_suffix", "auto") != "auto" and family in ("layer", "layer-lora"):  # ZO only; the
             # default adds nothing, so runs made before the key existed stay valid
             args += f" --paired-suffix {t['paired_suffix']}"
     if "lora" in method_family(wildcards.method):
         args += f" --lora-r {t['lora']['r']} --lora-alpha {t['lora']['alpha']}"
+    if point:  # a grid point that diverges is a finding (its best checkpoint before that), not a failed job
+        args += " --on-nonfinite stop"
     pin = (config.get("dominant_layer") or {}).get(wildcards.model)
     if wildcards.method.startswith("dominant") and pin is not None:
         args += f" --layer {int(pin)}"

@@ -60,3 +60,39 @@ rule probe_sensitivity:
         "python -m dlzo.probe sensitivity --model {input.model} --data {input.train} --task {params.task} "
         "--probe {input.probe} --out {output.json} --plot {output.png} {params.args} {params.runtime} "
         "> {log} 2>&1"
+
+
+# Per-layer first-order gradient norms (backprop on a few training batches, near-inference memory), and
+# the figure that puts the three predictors of the layer to tune (outlier profile, ZO sensitivity, gradient
+# norm) on one layer axis.
+rule probe_gradnorm:
+    output:
+        json=f"{RESULTS}/probe/{{model}}/gradnorm.json",
+        png=report(f"{RESULTS}/probe/{{model}}/layer_predictors.png",
+                   caption="../report/layer_predictors.rst", category="Probe"),
+    input:
+        model=rules.download_model.output,
+        train=lambda w: f"{RESULTS}/data/{gradnorm_task()}/train.jsonl",
+        probe=rules.probe_outliers.output.json,
+        sensitivity=rules.probe_sensitivity.output.json,
+        code=src("probe", "objectives", "models", "tasks", "train"),
+    params:
+        task=lambda w: gradnorm_task(),
+        args=lambda w: " ".join(f"--{k.replace('_', '-')} {config['probe']['gradnorm'][k]}"
+                                for k in ("batches", "batch_size", "max_len", "seed")),
+        runtime=runtime_args(),
+    log:
+        f"{RESULTS}/logs/probe_gradnorm/{{model}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/probe_gradnorm/{{model}}.tsv"
+    conda:
+        "../../envs/train.yaml"
+    threads: config.get("runtime", {}).get("threads") or 1
+    resources:
+        gpu=gpu_count,
+        mem_mb=mem_mb,
+        runtime=runtime_min,
+    shell:
+        "python -m dlzo.probe gradnorm --model {input.model} --data {input.train} --task {params.task} "
+        "--probe {input.probe} --sensitivity {input.sensitivity} --out {output.json} --plot {output.png} "
+        "{params.args} {params.runtime} > {log} 2>&1"

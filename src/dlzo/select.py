@@ -1,0 +1,94 @@
+"""Stage ``select_hyper``: pick a method's learning rate (and eps) from a grid, on the dev split.
+
+    python -m dlzo.select --logs <run>/log.json ... --out hyper_selection.json
+
+Each log is one grid point of the same (model, task, method), trained with the method's first seed; its
+run folder is named ``<method>@lr<lr>[_eps<eps>]``. The chosen point is the one with the lowest
+``best_dev_loss`` (the dev loss of its best checkpoint, the same criterion that chooses the checkpoint
+inside a run); ties go to the earlier point in the list. A point whose loss diverged keeps the best
+checkpoint it reached before that (``diverged_at_step``), or none (dev loss +inf). The test split is
+never read. The other seeds then train at the chosen point only.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import sys
+from pathlib import Path
+
+from dlzo import DLZOError
+from dlzo.io import read_json, write_json
+
+RUN_RE = re.compile(r"/(?P<method>[^/@]+)(?P<tag>@lr[^/_]+(?:_eps[^/]+)?)/seed(?P<seed>\d+)/log\.json$")
+
+
+def _point(path: str) -> dict:
+    m = RUN_RE.search(Path(path).resolve().as_posix())
+    if not m:
+        raise DLZOError(f"training log {path}: not a grid run (expected .../<method>@lr<lr>[_eps<eps>]/seed<n>/log.json)")
+    log = read_json(path, "training log")
+    hyper = log.get("hyper") or {}
+    dev = log.get("best_dev_loss")
+    dev = float(dev) if dev is not None else math.nan
+    if math.isnan(dev):
+        raise DLZOError(f"training log {path}: no dev loss (best_dev_loss is {log.get('best_dev_loss')!r}); a grid "
+                        f"needs a dev split (train.dev_eval_size and the task's dev size must be > 0)")
+    return {"tag": m["tag"], "method": m["method"], "seed": int(m["seed"]), "log": str(path),
+            "lr": hyper.get("lr"), "eps": hyper.get("eps"), "best_dev_loss": dev, "best_step": log.get("best_step"),
+            "diverged_at_step": hyper.get("diverged_at_step"), "model": log.get("model"), "task": log.get("task")}
+
+
+def select(paths: list[str]) -> dict:
+    if not paths:
+        raise DLZOError("select_hyper: no training logs given")
+    points = [_point(p) for p in paths]
+    keys = {(p["model"], p["task"], p["method"], p["seed"]) for p in points}
+    if len(keys) != 1:
+        raise DLZOError(f"select_hyper: the logs are not one (model, task, method, seed): {sorted(map(str, keys))}")
+    best = min(range(len(points)), key=lambda i: (points[i]["best_dev_loss"], i))
+    model, task, method, seed = keys.pop()
+    return {"model": model, "task": task, "method": method, "seed": seed, "criterion": "lowest best_dev_loss",
+            "grid": points, "chosen": points[best]}
+
+
+def chosen_args(selection_path) -> str:
+    """The chosen point as dlzo.train arguments ('--lr 0.001 --eps 0.001'): the other seeds train at it."""
+    c = read_json(selection_path, "hyperparameter selection")["chosen"]
+    return f"--lr {c['lr']!r}" + (f" --eps {c['eps']!r}" if c.get("eps") is not None else "")
+
+
+def chosen_run(selection_path) -> str:
+    """The chosen point's run folder (it stands for the method's first seed)."""
+    sel = read_json(selection_path, "hyperparameter selection")
+    folder = Path(sel["chosen"]["log"]).parent
+    if not (folder / "log.json").exists():
+        raise DLZOError(f"{selection_path}: the chosen run {folder} has no log.json (rerun select_hyper)")
+    return str(folder)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] in (["args"], ["run"]) and len(argv) == 2:  # read by the jobs that need the choice
+        print(chosen_args(argv[1]) if argv[0] == "args" else chosen_run(argv[1]))
+        return 0
+    ap = argparse.ArgumentParser(prog="python -m dlzo.select", description=__doc__.split("\n")[0],
+                                 epilog="python -m dlzo.select args|run <hyper_selection.json>: the chosen point's "
+                                        "dlzo.train arguments, or its run folder")
+    ap.add_argument("--logs", nargs="+", required=True, help="log.json of every grid point")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+    res = select(args.logs)
+    write_json(args.out, res)
+    for p in res["grid"]:
+        mark = "  <- chosen" if p is res["chosen"] else ""
+        div = f" (diverged at step {p['diverged_at_step']})" if p["diverged_at_step"] is not None else ""
+        print(f"{res['task']} {res['method']} {p['tag']}: best dev loss {p['best_dev_loss']:.4f}{div}{mark}",
+              file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    from dlzo import run_cli
+
+    run_cli(main, "select_hyper")
