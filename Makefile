@@ -39,7 +39,8 @@ reference: demo
 	   results/tables/layer_sweep.png results/tables/loss_curves.png results/tables/memory_accuracy.png \
 	   results/probe/smollm2-135m/probe.json results/probe/smollm2-135m/activation_profile.png \
 	   results/probe/smollm2-135m/sensitivity.json results/probe/smollm2-135m/sensitivity_profile.png \
-	   results/reference/demo/
+	   results/probe/smollm2-135m/gradnorm.json results/tables/layer_ranking.md \
+	   results/tables/layer_predictors_smollm2-135m.png results/reference/demo/
 
 # the SmolLM2-135M study (workflow/configs/smollm2-study.yaml): many hours on 2 CPU cores; interrupted, it
 # resumes where it stopped (finished jobs are kept, ZO runs continue from their partial trajectory)

@@ -708,9 +708,9 @@ def plot_predictors(probe_dict: dict, sens: dict, grad: dict, png_path, title: s
         if probe_layer is not None:
             ax.axvline(probe_layer, color="0.45", ls=":", lw=1.3, zorder=0)
         ax.legend(fontsize=7.5, loc="best", frameon=True, framealpha=0.9)
-    for ax, k, what in tops:
+    for ax, k, what in tops:  # at the foot of the panel, clear of the curve's peak
         if k is not None:
-            ax.annotate(f"{what}: layer {k}", xy=(k, 1.0), xycoords=("data", "axes fraction"), xytext=(3, -11),
+            ax.annotate(f"{what}: layer {k}", xy=(k, 0.0), xycoords=("data", "axes fraction"), xytext=(3, 4),
                         textcoords="offset points", fontsize=7.5)
     axes[-1].set_xlabel("decoder layer (0-based); dotted line: the probe's first outlier layer")
     axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))

@@ -656,12 +656,15 @@ def layer_ranking(evals: pd.DataFrame, runs: pd.DataFrame, probes: dict, sens: d
             df[f"{task}_test_gain"] = df["layer"].map(gain)
             df[f"{task}_dev_loss"] = df["layer"].map(dev)
             swept = df[df[f"{task}_test_gain"].notna()]
-            best_dev = int(swept.loc[swept[f"{task}_dev_loss"].idxmin(), "layer"]) if swept[f"{task}_dev_loss"].notna().any() else None
-            best_test = int(swept.loc[swept[f"{task}_test_gain"].idxmax(), "layer"]) if not swept.empty else None
+            def tops(col, sign):  # every swept layer at the best value: a tie names them all
+                v = sign * swept[col]
+                return "/".join(str(int(x)) for x in swept.loc[v == v.max(), "layer"]) if v.notna().any() else None
+
+            best_dev, best_test = tops(f"{task}_dev_loss", -1), tops(f"{task}_test_gain", 1)
             for name, col in (("outlier max|h|", "max_abs"), ("ZO RMS(g)", "zo_rms_g"), ("first-order |grad|", "fo_grad_norm")):
                 if swept[col].notna().sum() == 0:
                     continue
-                top = int(swept.loc[swept[col].idxmax(), "layer"])
+                top = tops(col, 1)
                 corr.append({"model": model, "task": task, "predictor": name, "layers": int(swept[col].notna().sum()),
                              "spearman_test_gain": _spearman(swept[col], swept[f"{task}_test_gain"]),
                              "spearman_minus_dev_loss": _spearman(swept[col], -swept[f"{task}_dev_loss"]),
@@ -679,14 +682,15 @@ def layer_ranking(evals: pd.DataFrame, runs: pd.DataFrame, probes: dict, sens: d
 def ranking_tables(per_layer: pd.DataFrame, corr: pd.DataFrame) -> list[Table]:
     tables = []
     if not corr.empty:
+        txt = lambda v: "-" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)  # noqa: E731
         rows = [[r.task, r.predictor, str(r.layers), _f(r.spearman_test_gain, "+.2f"), _f(r.spearman_minus_dev_loss, "+.2f"),
-                 str(r.predictor_top_layer), "-" if r.sweep_best_layer_dev is None or pd.isna(r.sweep_best_layer_dev)
-                 else str(int(r.sweep_best_layer_dev)), "-" if pd.isna(r.sweep_best_layer_test) else str(int(r.sweep_best_layer_test))]
+                 txt(r.predictor_top_layer), txt(r.sweep_best_layer_dev), txt(r.sweep_best_layer_test)]
                 for r in corr.itertuples(index=False)]
         for model in sorted(corr["model"].unique()):
             tables.append(Table(f"{model}: do the predictors rank the layers as the sweep does?", [
-                "task", "predictor", "layers", "Spearman vs test gain", "Spearman vs -dev loss", "predictor's top layer",
-                "sweep's best (dev)", "sweep's best (test)"], [r for r, m in zip(rows, corr["model"]) if m == model]))
+                "task", "predictor", "swept layers", "Spearman vs test gain", "Spearman vs -dev loss",
+                "predictor's top (swept layers)", "sweep's best (dev)", "sweep's best (test)"],
+                [r for r, m in zip(rows, corr["model"]) if m == model]))
     for model, df in (per_layer.groupby("model", sort=True) if not per_layer.empty else []):
         gains = [c for c in df.columns if c.endswith("_test_gain")]
         rows = [[str(int(r["layer"])) + (" (probe)" if r["probe_first_outlier"] else ""), _f(r["max_abs"], ".4g"),
