@@ -251,20 +251,18 @@ def memory_accuracy(acc: pd.DataFrame, speed: pd.DataFrame, png) -> None:
     _save(plt, fig, png, legend)
 
 
-def layer_predictors(evals: pd.DataFrame, probe: dict, sens: dict, grad: dict, model: str, png) -> None:
+def layer_predictors(per_layer: pd.DataFrame, probe: dict, sens: dict, grad: dict, model: str, png,
+                     raw: bool = False) -> None:
     """The three per-layer predictors (probe, ZO sensitivity, first-order gradient norm) and, below them, the
-    sweep's test value per task minus zero-shot (or the raw value where a task has no zero-shot row)."""
+    sweep's test gain per task from ``dlzo.tables.layer_ranking`` (minus zero-shot; ``raw``: no zero-shot
+    row, so the test value itself)."""
     from dlzo.probe import plot_predictors
 
-    sweep, raw = {}, False
-    sub = evals[(evals["model"] == model) & evals["method"].str.fullmatch(SWEEP.pattern)]
-    for task in sorted(sub["task"].unique()):
-        t = sub[sub["task"] == task]
-        zs = evals[(evals["model"] == model) & (evals["task"] == task) & (evals["method"] == "zero-shot")]["value"]
-        raw |= zs.empty
-        base = float(zs.mean()) if not zs.empty else 0.0
-        means = t.assign(layer=t["method"].str.slice(6).astype(int)).groupby("layer")["value"].mean()
-        sweep[task] = {int(k): float(v) - base for k, v in means.items()}
+    sweep = {}
+    for col in sorted(c for c in per_layer.columns if c.endswith("_test_gain")):
+        vals = per_layer.dropna(subset=[col])
+        if not vals.empty:
+            sweep[col[:-len("_test_gain")]] = {int(k): float(v) for k, v in zip(vals["layer"], vals[col])}
     plot_predictors(probe, sens, grad, png, title=f"{model}: three predictors of the layer to tune"
                     + (", and the sweep" if sweep else ""), sweep=sweep or None,
                     sweep_label="sweep: test value (%)" if raw else None)

@@ -784,8 +784,9 @@ def write_tables(evals_paths, log_paths, probe_paths, out_dir, bench_paths=(), m
             df.to_csv(tmp, index=False, float_format="%.6g")
     for model in sorted(set(sens) & set(grads)):
         if model in probes:
-            figures.layer_predictors(evals, probes[model], sens[model], grads[model], model,
-                                     out / f"layer_predictors_{model}.png")
+            raw = not ((evals["model"] == model) & (evals["method"] == "zero-shot")).any()
+            figures.layer_predictors(per_layer[per_layer["model"] == model], probes[model], sens[model],
+                                     grads[model], model, out / f"layer_predictors_{model}.png", raw)
     best = best_layer_rows(evals, runs)
     figures.layer_sweep(evals, runs, probes, best, out / "layer_sweep.png")
     figures.loss_curves(logs, best, out / "loss_curves.png")
