@@ -62,8 +62,8 @@ study-reference: study
 	   results/study/probe/smollm2-135m/probe.json results/study/probe/smollm2-135m/activation_profile.png \
 	   results/study/probe/smollm2-135m/sensitivity.json results/study/probe/smollm2-135m/sensitivity_profile.png \
 	   results/study/probe/smollm2-135m/gradnorm.json $(STUDY_REF)/
-	for t in sst2 copa rte; do cp results/study/eval/smollm2-135m/$$t/calibrated-zero-shot.json \
-	   $(STUDY_REF)/calibrated-zero-shot-$$t.json; done
+	for f in results/study/eval/smollm2-135m/*/calibrated-zero-shot.json; do \
+	   t=$$(basename $$(dirname $$f)); cp $$f $(STUDY_REF)/calibrated-zero-shot-$$t.json; done
 
 tiny: setup
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(SNAKEMAKE) --configfile workflow/configs/tiny.yaml

@@ -242,6 +242,10 @@ def test_minimal_reruns(workdir, tmp_path):
     assert wider == ({("zo_train", f"model=tiny-llama, task={t}, method={m}@lr0.1_eps0.001, seed=0")
                       for t in ("sst2", "squad") for m in layer_family}
                      | {j for j in grid() if not (j[0] == "zo_train" and "@" in j[1])} | tail)
+    # the sweep's own block (`train.hyper.sweep`, one point): the sweep's layers leave the layer grid and train
+    # once, in layer-<i>/seed0, at that lr; dominant keeps the grid, so nothing of it reruns
+    sweep = plan(lambda c: c["train"]["hyper"].update(sweep={"lr": 0.05, "eps": 1e-3}), what="train.hyper.sweep")
+    assert sweep == runs("zo_train", ["layer-0", "layer-2"]) | runs("evaluate", ["layer-0", "layer-2"]) | tail
     # a sensitivity setting: only that profile and the gradient norms' figure, which draws it (before the
     # code edits below, which stay in place)
     assert plan(lambda c: c["probe"]["sensitivity"].update(k=3)) == {

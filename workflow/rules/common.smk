@@ -146,6 +146,8 @@ def method_family(method):
         return "fo"
     if method == "dominant-lora" or method.endswith("-lora"):
         return "layer-lora"
+    if re.fullmatch(r"layer-\d+", method) and "sweep" in config["train"]["hyper"]:
+        return "sweep"  # the sweep's own lr/eps (optional; else the single-layer block)
     return "layer"
 
 
