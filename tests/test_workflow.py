@@ -371,6 +371,19 @@ def test_tiny_dag_through_the_slurm_executor_plugin(tmp_path_factory):
     assert "Nothing to be done" in again.stdout + again.stderr
 
 
+def test_study_config_plans_the_study(workdir):
+    """The SmolLM2-135M study (results/reference/smollm2-135m/README.md) plans the runs its README counts."""
+    proc = snakemake(workdir, "-n", "--quiet", "rules", "--configfile", "workflow/configs/smollm2-study.yaml")
+    cfg = yaml.safe_load((workdir / "workflow/configs/smollm2-study.yaml").read_text())
+    sweep = len(cfg["sweep_layers"])
+    headline = 4 * 2 + 4 * 2 + 2  # 4 ZO methods x (2 lr points with seed 0 + seeds 1-2); fo-adamw's 2 points
+    assert headline + sweep == 34  # the number the config's header and the study's README give
+    assert planned_jobs(proc) == {"download_model": 1, "prepare_data": 1, "probe_outliers": 1,
+                                  "probe_sensitivity": 1, "probe_gradnorm": 1, "zo_train": headline + sweep,
+                                  "select_hyper": 5, "evaluate": 4 * 3 + 1 + sweep, "evaluate_zero_shot": 1,
+                                  "evaluate_calibrated": 1, "tables": 1, "all": 1}
+
+
 def test_paper_config_plans_the_whole_dag_offline(workdir):
     proc = snakemake(workdir, "-n", "--quiet", "rules")
     jobs = planned_jobs(proc)
