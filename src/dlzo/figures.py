@@ -43,11 +43,12 @@ def _figure(n_panels: int, rows_per_panel: int = 1, w: float = 4.6, h: float = 3
 
 
 def _save(plt, fig, png: Path, legend: dict) -> None:
-    ncol = max(1, min(5, len(legend), round(fig.get_figwidth() / 2.2)))  # about 2.2 inches a legend column
+    rows = 0
     if legend:
+        ncol = max(1, min(5, len(legend), round(fig.get_figwidth() / 2.2)))  # about 2.2 inches a legend column
         fig.legend(list(legend.values()), list(legend.keys()), loc="lower center", ncol=ncol,
                    fontsize=8, frameon=False)
-    rows = math.ceil(len(legend) / ncol) if legend else 0
+        rows = math.ceil(len(legend) / ncol)
     fig.tight_layout(rect=(0, min(0.3, 0.045 * rows * 6 / fig.get_figheight()), 1, 1))
     with atomic_path(png) as tmp:
         # tight: a legend wider than a one-panel figure (five columns) is kept whole, not clipped at the edges

@@ -12,6 +12,7 @@ MULTIPLE_CHOICE_TASKS = ["sst2", "rte", "cb", "boolq", "wsc", "copa", "multirc"]
 GRID_TAG = re.compile(r"^(?P<base>[^@]+)@lr(?P<lr>[^_]+)(?:_eps(?P<eps>.+))?$")  # a grid point: <method>@lr<lr>[_eps<eps>]
 TRAINED_METHODS = ["mezo-full", "lora-zo", "dominant", "dominant-lora", "sparse-mezo", "fo-adamw"]
 FO_LAYER = re.compile(r"^fo-layer-(\d+)$")  # first-order AdamW on one decoder layer
+SWEEP_LAYER = re.compile(r"layer-\d+")  # a run of the single-layer sweep (fullmatch)
 
 
 def config_error(key, message):
@@ -60,7 +61,7 @@ def _check_config():
             config_error(f"train.hyper.{family}", f"method {method} needs this block "
                          f"({'lr and epochs or steps' if family == 'fo' else 'lr, eps and sparsity'})")
     for method in config.get("method_seeds") or {}:
-        if method != "layer-sweep" and method not in config["methods"] and not re.fullmatch(r"layer-\d+", method):
+        if method != "layer-sweep" and method not in config["methods"] and not SWEEP_LAYER.fullmatch(method):
             config_error(f"method_seeds.{method}", "no such method in `methods` (or `layer-sweep` for the sweep's "
                          f"layer-<i> runs); expected one of {', '.join(['layer-sweep', *config['methods']])}")
     task = config["probe"].get("gradnorm", {}).get("task")
@@ -80,7 +81,7 @@ def seeds():
 def method_seeds(method):
     """The seeds of ``method``: `method_seeds.<method>` (`layer-sweep` for the sweep's layer-<i>), else `seeds`."""
     own = config.get("method_seeds") or {}
-    key = "layer-sweep" if re.fullmatch(r"layer-\d+", method) and method not in own else method
+    key = "layer-sweep" if SWEEP_LAYER.fullmatch(method) and method not in own else method
     return [int(s) for s in own.get(key, config["seeds"])]
 
 
@@ -146,7 +147,7 @@ def method_family(method):
         return "fo"
     if method == "dominant-lora" or method.endswith("-lora"):
         return "layer-lora"
-    if re.fullmatch(r"layer-\d+", method) and "sweep" in config["train"]["hyper"]:
+    if SWEEP_LAYER.fullmatch(method) and "sweep" in config["train"]["hyper"]:
         return "sweep"  # the sweep's own lr/eps (optional; else the single-layer block)
     return "layer"
 
