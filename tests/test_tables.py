@@ -1,11 +1,13 @@
 """Tables from small hand-made result files equal hand-computed values."""
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from conftest import REPO
 from dlzo import DLZOError
+from dlzo.figures import sweep_panel
 from dlzo.tables import load_paper, main, order_methods, write_tables
 
 PAPER = REPO / "workflow" / "data" / "paper_reported.csv"
@@ -149,6 +151,24 @@ def test_speedups_and_benchmark_cross_check(results):
     assert "1. m / copa / layer-5: seed 1: train loop 4.0 s > job wall clock 1.0 s" in md
 
 
+def test_resumed_runs_clocks_are_left_out_and_said(results):
+    """A run resumed from its partial trajectory: its job clocks cover only the last segment."""
+    path = next(p for p in results["logs"] if "/sst2/dominant/seed1/" in p)
+    log = json.loads(open(path).read()) | {"resumed_from_step": 7}
+    put(Path(path), log)
+    sp = run(results)["speedup"].set_index(["task", "method"])
+    dom = sp.loc[("sst2", "dominant")]
+    # s/step still averages both seeds (0.5 and 1.0); train s and job s come from seed 0 alone (5 s, 10 s)
+    assert dom["s_per_step"] == pytest.approx(0.75)
+    assert dom["train_s"] == pytest.approx(5.0) and dom["end_to_end_s"] == pytest.approx(10.0)
+    assert dom["speedup_end_to_end_vs_mezo"] == pytest.approx(35 / 10)
+    assert dom["resumed"] == "seed 1 from step 7" and dom["check"] == "ok"
+    md = (results["out"] / "speedup.md").read_text()
+    assert "| dominant (layer 3) | 10 | 0.750 | 0.100 | 0.0100 | 0.0100 | 5.0 | 10.0 | 4.00× | 3.50× | 500 | 400 | 1.25× | ok; resumed, note 2 |" in md
+    assert ("2. m / sst2 / dominant: resumed (seed 1 from step 7); that run's train s, job s and benchmark "
+            "cover only its last segment") in md
+
+
 def test_without_benchmarks_the_check_says_so(results):
     results["benches"] = []
     sp = run(results)["speedup"]
@@ -273,6 +293,14 @@ def test_grid_selection_and_layer_predictor_tables(results, tmp_path):
     # sst2 sweep, test minus zero-shot (50): layer 1 +2, layer 3 +20 (mean of 70, 70), layer 5 +10, layer 7 +14
     assert row3["sst2_test_gain"] == pytest.approx(20.0)
     assert ranking.set_index("layer")["sst2_test_gain"].dropna().round(6).to_dict() == {1: 2.0, 3: 20.0, 5: 10.0, 7: 14.0}
+    # dev-loss drop = the dev curve's step 0 (1.0) minus the best: layers 3 and 5 have training logs, 1 and 7 not
+    assert ranking.set_index("layer")["sst2_dev_drop"].dropna().round(6).to_dict() == {3: 0.5, 5: 0.4}
+    assert ranking.set_index("layer")["copa_dev_drop"].dropna().round(6).to_dict() == {3: 0.1, 5: 0.2}
+    # the figure's sweep panel: dev-loss drop only when every swept layer has one, else the test gain
+    values, label = sweep_panel(ranking)
+    assert label.startswith("sweep: test value") and values["sst2"][7] == pytest.approx(14.0)
+    values, label = sweep_panel(ranking[~ranking["layer"].isin([1, 7])])
+    assert label.startswith("sweep: dev-loss drop") and values == {"copa": {3: 0.1, 5: 0.2}, "sst2": {3: 0.5, 5: 0.4}}
     corr = pd.read_csv(results["out"] / "layer_correlations.csv")
     c = corr[(corr["task"] == "sst2")].set_index("predictor")
     # ranks over layers 1, 3, 5, 7 of the gain: 1, 4, 2, 3; max|h| rises with the layer: 1, 2, 3, 4

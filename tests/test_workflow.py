@@ -384,6 +384,16 @@ def test_study_config_plans_the_study(workdir):
                                   "evaluate_calibrated": 1, "tables": 1, "all": 1}
 
 
+def test_sweep_tasks_limits_the_sweep_to_its_tasks(workdir):
+    """`sweep_tasks: [sst2]`: squad loses its two sweep layers (each a two-point lr grid: 2 training runs and a
+    selection) and their evaluations, nothing else."""
+    whole = planned_jobs(snakemake(workdir, "-n", "--quiet", "rules", "--configfile", "workflow/configs/tiny.yaml"))
+    path = _edit(workdir, "sweep-tasks", lambda c: c.update(sweep_tasks=["sst2"]))
+    part = planned_jobs(snakemake(workdir, "-n", "--quiet", "rules", "--configfile", str(path)))
+    assert {k: whole[k] - part.get(k, 0) for k in whole if whole[k] != part.get(k, 0)} == {"zo_train": 4, "select_hyper": 2,
+                                                                                     "evaluate": 2}
+
+
 def test_paper_config_plans_the_whole_dag_offline(workdir):
     proc = snakemake(workdir, "-n", "--quiet", "rules")
     jobs = planned_jobs(proc)
@@ -410,6 +420,7 @@ BAD_CONFIGS = {
     "unknown-key": (lambda c: c.update(stepz=3), "stepz"),
     "wrong-type": (lambda c: c["train"].update(steps="many"), "steps"),
     "layer-past-depth": (lambda c: c.update(sweep_layers=[0, 7]), "sweep_layers"),
+    "sweep-task-not-configured": (lambda c: c.update(sweep_tasks=["rte"]), "sweep_tasks"),
     "pin-past-depth": (lambda c: c.update(dominant_layer={"tiny-llama": 4}), "dominant_layer.tiny-llama"),
     "unknown-task": (lambda c: c["tasks"].update(mnli={"source": "hub"}), "mnli"),
     "unknown-method": (lambda c: c.update(methods=["zero-shot", "adam"]), "adam"),

@@ -254,18 +254,30 @@ def memory_accuracy(acc: pd.DataFrame, speed: pd.DataFrame, png) -> None:
     _save(plt, fig, png, legend)
 
 
+def sweep_panel(per_layer: pd.DataFrame, raw: bool = False) -> tuple[dict, str | None]:
+    """The predictor figure's sweep panel: task -> {layer: value} and its y label. The dev-loss drop (the
+    signal the pipeline selects on, far less noisy than a small test split) when every swept layer of every
+    task has one, else the test gain (minus zero-shot; ``raw``: no zero-shot row, so the test value itself)."""
+    def per_task(suffix):
+        out = {}
+        for col in sorted(c for c in per_layer.columns if c.endswith(suffix)):
+            vals = per_layer.dropna(subset=[col])
+            if not vals.empty:
+                out[col[:-len(suffix)]] = {int(k): float(v) for k, v in zip(vals["layer"], vals[col])}
+        return out
+
+    gains, drops = per_task("_test_gain"), per_task("_dev_drop")
+    if gains and set(drops) == set(gains) and all(set(drops[t]) == set(gains[t]) for t in gains):
+        return drops, "sweep: dev-loss drop\n(step 0 minus best)"
+    return gains, "sweep: test value (%)" if raw else "sweep: test value\nminus zero-shot (points)"
+
+
 def layer_predictors(per_layer: pd.DataFrame, probe: dict, sens: dict, grad: dict, model: str, png,
                      raw: bool = False) -> None:
     """The three per-layer predictors (probe, ZO sensitivity, first-order gradient norm) and, below them, the
-    sweep's test gain per task from ``dlzo.tables.layer_ranking`` (minus zero-shot; ``raw``: no zero-shot
-    row, so the test value itself)."""
+    sweep per task from ``dlzo.tables.layer_ranking`` (``sweep_panel``)."""
     from dlzo.probe import plot_predictors
 
-    sweep = {}
-    for col in sorted(c for c in per_layer.columns if c.endswith("_test_gain")):
-        vals = per_layer.dropna(subset=[col])
-        if not vals.empty:
-            sweep[col[:-len("_test_gain")]] = {int(k): float(v) for k, v in zip(vals["layer"], vals[col])}
+    sweep, label = sweep_panel(per_layer, raw)
     plot_predictors(probe, sens, grad, png, title=f"{model}: three predictors of the layer to tune"
-                    + (", and the sweep" if sweep else ""), sweep=sweep or None,
-                    sweep_label="sweep: test value (%)" if raw else None)
+                    + (", and the sweep" if sweep else ""), sweep=sweep or None, sweep_label=label)

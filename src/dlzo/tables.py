@@ -100,7 +100,7 @@ class Logs:
 
 LOG_COLUMNS = KEY + ["layer", "layer_from", "tuned_params", "best_dev_loss", "lr", "eps", "steps", "s_per_step",
                      "train_s", "forward_s", "perturb_s", "update_s", "peak_memory_mb", "inference_peak_mb",
-                     "wall_s", "device", "dtype"]
+                     "wall_s", "device", "dtype", "resumed_from_step", "initial_dev_loss"]
 
 
 def _unchosen(key: dict, chosen: dict | None, path: str) -> bool:
@@ -131,7 +131,10 @@ def load_logs(paths: list[str], chosen: dict | None = None) -> Logs:
             "forward_s": _num(t.get("forward_s_per_step")), "perturb_s": _num(t.get("perturb_s_per_step")),
             "update_s": _num(t.get("update_s_per_step")), "peak_memory_mb": _num(log.get("peak_memory_mb")),
             "inference_peak_mb": _num(log.get("inference_peak_mb")), "wall_s": _num(prov.get("wall_s")),
-            "device": prov.get("device"), "dtype": prov.get("dtype")})
+            "device": prov.get("device"), "dtype": prov.get("dtype"),
+            "resumed_from_step": int(log.get("resumed_from_step") or 0),
+            "initial_dev_loss": next((_num(p.get("dev_loss")) for p in log.get("dev_curve") or []
+                                      if p.get("step") == 0), math.nan)})
         train_curves[k] = [(int(p["step"]), float(p["loss"])) for p in log.get("train_curve") or []
                            if p.get("loss") is not None]
         dev_curves[k] = [(int(p["step"]), float(p["dev_loss"])) for p in log.get("dev_curve") or []
@@ -265,6 +268,14 @@ def speedup_table(runs: pd.DataFrame, bench: pd.DataFrame) -> pd.DataFrame:
     # a job's wall clock: from outside (the benchmark file) when measured, else the job's own clock
     runs = runs.assign(check=[_check(r) for r in runs.to_dict("records")],
                        end_to_end_s=runs["bench_s"].fillna(runs["wall_s"]))
+    # A run resumed from its partial trajectory: every clock of the job (train loop, own wall clock, benchmark)
+    # and the benchmark's RSS cover only its last segment, so they are left out of the means; s/step (a mean
+    # over the steps it timed) and the in-job peak stay.
+    resumed = runs["resumed_from_step"].fillna(0) > 0
+    segment = ["train_s", "end_to_end_s", "wall_s", "bench_s", "bench_max_rss_mb"]
+    runs.loc[resumed, segment] = math.nan
+    runs["resumed"] = [f"seed {s} from step {int(n)}" if n else "" for s, n in
+                       zip(runs["seed"], runs["resumed_from_step"].fillna(0))]
     cols = ["s_per_step", "train_s", "forward_s", "perturb_s", "update_s", "end_to_end_s", "peak_memory_mb",
             "inference_peak_mb", "wall_s", "bench_s", "bench_max_rss_mb", "tuned_params"]
     g = runs.groupby(["model", "task", "method"])
@@ -274,6 +285,7 @@ def speedup_table(runs: pd.DataFrame, bench: pd.DataFrame) -> pd.DataFrame:
     out["lr"] = g["lr"].agg(_lr_text).values
     out["check"] = g["check"].agg(lambda v: "n/a" if set(v) == {"n/a"} else
                                   "; ".join(x for x in v if x and x != "n/a") or "ok").values
+    out["resumed"] = g["resumed"].agg(lambda v: ", ".join(x for x in v if x)).values
     ref = out[out["method"] == "mezo-full"].set_index(["model", "task"])
     for col, name in (("s_per_step", "step"), ("train_s", "train"), ("end_to_end_s", "end_to_end")):
         base = [ref[col].get((m, t), math.nan) for m, t in zip(out["model"], out["task"])]
@@ -286,6 +298,8 @@ def _check(r: dict) -> str:
     """Disagreements between a run's own timing and its Snakemake benchmark file ('' when they agree)."""
     if math.isnan(r["bench_s"]):
         return "n/a"
+    if r.get("resumed_from_step"):  # its clocks cover the last segment only: nothing to compare (speedup_table)
+        return ""
     msgs, run = [], f"seed {r['seed']}"
     if r["train_s"] > r["bench_s"] + 1:
         msgs.append(f"{run}: train loop {r['train_s']:.1f} s > job wall clock {r['bench_s']:.1f} s (benchmark)")
@@ -527,11 +541,17 @@ def speedup_tables(sp: pd.DataFrame) -> tuple[list[Table], list[str]]:
                    _f(r["peak_memory_mb"], ",.0f")]
             if has_inf:
                 row += [_f(r["inference_peak_mb"], ",.0f"), _x(r["peak_vs_inference"])]
+            cell = []
             if r["check"] in ("ok", "n/a"):
-                row.append(r["check"])
+                cell.append(r["check"])
             else:
                 flags.append(f"{model} / {task} / {method}: {r['check']}")
-                row.append(f"MISMATCH, note {len(flags)}")
+                cell.append(f"MISMATCH, note {len(flags)}")
+            if r["resumed"]:
+                flags.append(f"{model} / {task} / {method}: resumed ({r['resumed']}); that run's train s, job s "
+                             "and benchmark cover only its last segment and are left out of the means")
+                cell.append(f"resumed, note {len(flags)}")
+            row.append("; ".join(cell))
             rows.append(row)
         tables.append(Table(f"{model} / {task}: time per ZO step and per training job", header, rows))
     return tables, flags
@@ -650,11 +670,15 @@ def layer_ranking(evals: pd.DataFrame, runs: pd.DataFrame, probes: dict, sens: d
             base = float(zs.mean()) if not zs.empty else 0.0
             t = ev[ev["task"] == task].assign(layer=lambda d: d["method"].str.slice(6).astype(int))
             gain = t.groupby("layer")["value"].mean() - base
-            dev = runs[(runs["model"] == model) & (runs["task"] == task) &
-                       runs["method"].str.fullmatch(SWEEP_RE.pattern)].assign(
-                layer=lambda d: d["method"].str.slice(6).astype(int)).groupby("layer")["best_dev_loss"].mean()
+            tr = runs[(runs["model"] == model) & (runs["task"] == task) &
+                      runs["method"].str.fullmatch(SWEEP_RE.pattern)].assign(
+                layer=lambda d: d["method"].str.slice(6).astype(int))
+            dev = tr.groupby("layer")["best_dev_loss"].mean()
+            # how far training took the dev loss below the untrained model's (step 0 of the dev curve)
+            drop = (tr["initial_dev_loss"] - tr["best_dev_loss"]).groupby(tr["layer"]).mean()
             df[f"{task}_test_gain"] = df["layer"].map(gain)
             df[f"{task}_dev_loss"] = df["layer"].map(dev)
+            df[f"{task}_dev_drop"] = df["layer"].map(drop)
             swept = df[df[f"{task}_test_gain"].notna()]
             def tops(col, sign):  # every swept layer at the best value: a tie names them all
                 v = sign * swept[col]
@@ -693,19 +717,22 @@ def ranking_tables(per_layer: pd.DataFrame, corr: pd.DataFrame) -> list[Table]:
                 [r for r, m in zip(rows, corr["model"]) if m == model]))
     for model, df in (per_layer.groupby("model", sort=True) if not per_layer.empty else []):
         gains = [c for c in df.columns if c.endswith("_test_gain")]
+        tasks = [c[:-len("_test_gain")] for c in gains]
         rows = [[str(int(r["layer"])) + (" (probe)" if r["probe_first_outlier"] else ""), _f(r["max_abs"], ".4g"),
-                 _f(r["zo_rms_g"], ".3g"), _f(r["fo_grad_norm"], ".3g"), *[_f(r[c], "+.1f") for c in gains]]
+                 _f(r["zo_rms_g"], ".3g"), _f(r["fo_grad_norm"], ".3g"),
+                 *[x for t in tasks for x in (_f(r[f"{t}_test_gain"], "+.1f"), _f(r[f"{t}_dev_drop"], ".3f"))]]
                 for _, r in df.iterrows()]
         tables.append(Table(f"{model}: per-layer predictors and the sweep", [
             "layer", "max |h|", "ZO RMS(g)", "first-order |grad|",
-            *[f"{c[:-len('_test_gain')]}: test − zero-shot (points)" for c in gains]], rows))
+            *[x for t in tasks for x in (f"{t}: test − zero-shot (points)", f"{t}: dev-loss drop")]], rows))
     return tables
 
 
 RANK_NOTE = ("max |h|: the outlier probe's largest |layer output|; ZO RMS(g): RMS over the sensitivity profile's draws "
              "of the single-layer projected gradient (it estimates the layer's gradient norm); first-order |grad|: "
              "backpropagation on a few training batches (RMS over batches). Test gain: the sweep's test value for "
-             "that layer minus zero-shot, in points ('-': layer not swept). Spearman: rank correlation over the "
+             "that layer minus zero-shot, in points ('-': layer not swept); dev-loss drop: the untrained model's dev "
+             "loss minus the run's best (what the pipeline selects on; mean over seeds). Spearman: rank correlation over the "
              "swept layers between a predictor and the sweep's result (+1: the predictor orders the layers as the "
              "sweep does).")
 
@@ -743,7 +770,8 @@ def write_tables(evals_paths, log_paths, probe_paths, out_dir, bench_paths=(), m
         inf = "; inference peak: the same model and batch, inference only (peak / inference: what training adds)" \
             if sp["inference_peak_mb"].notna().any() else ""
         note = SPEED_NOTE.format(inf=inf) + (
-            "\n\nBenchmark cross-check disagreements:\n" + "\n".join(f"{i}. {f}" for i, f in enumerate(flags, 1))
+            "\n\nNotes (disagreements with the benchmark files; runs resumed from a partial trajectory):\n"
+            + "\n".join(f"{i}. {f}" for i, f in enumerate(flags, 1))
             if flags else "\n\nBenchmark cross-check: every run agrees with its benchmark file.")
         texts.update({"speedup.md": to_markdown(sp_t, note), "speedup.tex": to_latex(sp_t, note),
                       "speedup.html": to_html(sp_t, "Speed", note)})

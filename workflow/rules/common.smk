@@ -47,6 +47,9 @@ def _check_config():
         if pin is not None and not 0 <= int(pin) < model_layers(model):
             config_error(f"dominant_layer.{model}", f"layer index {pin} is past the model's depth "
                          f"({model_layers(model)} layers)")
+    for task in sweep_tasks():
+        if task not in config["tasks"]:
+            config_error("sweep_tasks", f"{task} is not a configured task; expected some of {', '.join(config['tasks'])}")
     for model in config["models"]:
         sweep_layers(model)
         for method in config["methods"]:
@@ -128,10 +131,17 @@ def result_logs(model, task, method, seed):
     return [f"{RESULTS}/train/{model}/{task}/{run}/seed{seed}/log.json" for run in result_runs(model, task, method, seed)]
 
 
-def trained_methods(model):
-    """Every training method for ``model``: the configured baselines plus the layer sweep."""
+def sweep_tasks():
+    """The tasks the layer sweep runs on: `sweep_tasks`, else every configured task."""
+    tasks = config.get("sweep_tasks")
+    return list(config["tasks"]) if tasks is None else list(tasks)
+
+
+def trained_methods(model, task):
+    """Every training method for (``model``, ``task``): the configured baselines plus the layer sweep (on the
+    tasks of `sweep_tasks`)."""
     methods = [m for m in config["methods"] if m in TRAINED_METHODS or FO_LAYER.match(m)]
-    return methods + [f"layer-{i}" for i in sweep_layers(model)]
+    return methods + ([f"layer-{i}" for i in sweep_layers(model)] if task in sweep_tasks() else [])
 
 
 def method_family(method):
@@ -163,7 +173,7 @@ def eval_outputs():
                 out.append(f"{RESULTS}/eval/{model}/{task}/zero-shot.json")
             if task in MULTIPLE_CHOICE_TASKS:  # the bias-only baseline, in every config
                 out.append(f"{RESULTS}/eval/{model}/{task}/calibrated-zero-shot.json")
-            for method in trained_methods(model):
+            for method in trained_methods(model, task):
                 for seed in method_seeds(method):
                     out.append(f"{RESULTS}/eval/{model}/{task}/{method}/seed{seed}.json")
     return out
@@ -205,7 +215,7 @@ def sensitivity_outputs():
 def train_runs():
     """(model, task, method, seed) of every result the tables report: a grid method's chosen point."""
     return [(model, task, method, seed) for model in config["models"] for task in config["tasks"]
-            for method in trained_methods(model) for seed in method_seeds(method)]
+            for method in trained_methods(model, task) for seed in method_seeds(method)]
 
 
 def grid_runs(model, task, method):
@@ -227,7 +237,7 @@ def train_benchmarks():
 def selections():
     """select_hyper's JSON of every method that has a grid (the tables show each grid and its choice)."""
     return [selection_path(m, t, meth) for m in config["models"] for t in config["tasks"]
-            for meth in trained_methods(m) if hyper_grid(meth)]
+            for meth in trained_methods(m, t) if hyper_grid(meth)]
 
 
 PROTOCOLS = {"hub": "MeZO's hub splits (train/dev sampled from the train split, test from validation)",
