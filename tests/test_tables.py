@@ -165,8 +165,8 @@ def test_resumed_runs_clocks_are_left_out_and_said(results):
     assert dom["resumed"] == "seed 1 from step 7" and dom["check"] == "ok"
     md = (results["out"] / "speedup.md").read_text()
     assert "| dominant (layer 3) | 10 | 0.750 | 0.100 | 0.0100 | 0.0100 | 5.0 | 10.0 | 4.00× | 3.50× | 500 | 400 | 1.25× | ok; resumed, note 2 |" in md
-    assert ("2. m / sst2 / dominant: resumed (seed 1 from step 7); that run's train s, job s and benchmark "
-            "cover only its last segment") in md
+    assert ("2. m / sst2 / dominant: resumed (seed 1 from step 7); the train s, job s and benchmark of a resumed "
+            "run cover only its last segment") in md
 
 
 def test_without_benchmarks_the_check_says_so(results):

@@ -548,8 +548,8 @@ def speedup_tables(sp: pd.DataFrame) -> tuple[list[Table], list[str]]:
                 flags.append(f"{model} / {task} / {method}: {r['check']}")
                 cell.append(f"MISMATCH, note {len(flags)}")
             if r["resumed"]:
-                flags.append(f"{model} / {task} / {method}: resumed ({r['resumed']}); that run's train s, job s "
-                             "and benchmark cover only its last segment and are left out of the means")
+                flags.append(f"{model} / {task} / {method}: resumed ({r['resumed']}); the train s, job s and "
+                             "benchmark of a resumed run cover only its last segment and are left out of the means")
                 cell.append(f"resumed, note {len(flags)}")
             row.append("; ".join(cell))
             rows.append(row)
