@@ -377,7 +377,7 @@ def test_study_config_plans_the_study(workdir):
     cfg = yaml.safe_load((workdir / "workflow/configs/smollm2-study.yaml").read_text())
     sweep = len(cfg["sweep_layers"])
     headline = 4 * 2 + 4 * 2 + 2  # 4 ZO methods x (2 lr points with seed 0 + seeds 1-2); fo-adamw's 2 points
-    assert headline + sweep == 32  # the number the config's header and the study's README give
+    assert headline + sweep == 37  # the number the config's header and the study's README give
     assert planned_jobs(proc) == {"download_model": 1, "prepare_data": 1, "probe_outliers": 1,
                                   "probe_sensitivity": 1, "probe_gradnorm": 1, "zo_train": headline + sweep,
                                   "select_hyper": 5, "evaluate": 4 * 3 + 1 + sweep, "evaluate_zero_shot": 1,
