@@ -227,6 +227,17 @@ def test_new_methods_fall_in_generically(results, tmp_path):
                                                                                  "layer-2-lora"]
 
 
+def test_a_task_without_a_sweep(results, tmp_path):
+    """`sweep_tasks` leaves copa without layer-<i> runs: copa gets no best-layer row, sst2 keeps its own (and no
+    average over tasks is made from one task), and the sweep figure still draws."""
+    for key in ("evals", "logs", "benches"):
+        results[key] = [p for p in results[key] if not ("/copa/layer-" in p)]
+    acc = run(results)["accuracy"]
+    best = acc[acc["method"] == "best layer (dev)"]
+    assert set(best["task"]) == {"sst2"} and cell(acc, "best layer (dev)", "sst2")["mean"] == pytest.approx(70.0)
+    assert (results["out"] / "layer_sweep.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_missing_result_file_is_named(results, tmp_path):
     missing = str(tmp_path / "results/eval/m/sst2/lora-zo/seed0.json")
     with pytest.raises(DLZOError, match="lora-zo/seed0.json does not exist"):
