@@ -42,10 +42,11 @@ reference: demo
 	   results/probe/smollm2-135m/gradnorm.json results/tables/layer_ranking.md \
 	   results/tables/layer_predictors_smollm2-135m.png results/reference/demo/
 
-# the SmolLM2-135M study (workflow/configs/smollm2-study.yaml): many hours on 2 CPU cores; interrupted, it
+STUDY_CONFIG := workflow/configs/smollm2-study.yaml
+# the SmolLM2-135M study ($(STUDY_CONFIG)): many hours on 2 CPU cores; interrupted, it
 # resumes where it stopped (finished jobs are kept, ZO runs continue from their partial trajectory)
 study: setup
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(SNAKEMAKE) --configfile workflow/configs/smollm2-study.yaml
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(SNAKEMAKE) --configfile $(STUDY_CONFIG)
 	@cat results/study/tables/accuracy.md
 
 # its committed copy: tables, figures and the per-layer JSON (small files only, no weights)
@@ -62,8 +63,10 @@ study-reference: study
 	   results/study/probe/smollm2-135m/probe.json results/study/probe/smollm2-135m/activation_profile.png \
 	   results/study/probe/smollm2-135m/sensitivity.json results/study/probe/smollm2-135m/sensitivity_profile.png \
 	   results/study/probe/smollm2-135m/gradnorm.json $(STUDY_REF)/
-	for f in results/study/eval/smollm2-135m/*/calibrated-zero-shot.json; do \
-	   t=$$(basename $$(dirname $$f)); cp $$f $(STUDY_REF)/calibrated-zero-shot-$$t.json; done
+	# the bias-only baseline of each task the config lists (not of tasks run earlier and since commented out)
+	for t in $$($(BIN)/python -c "import yaml; print(*yaml.safe_load(open('$(STUDY_CONFIG)'))['tasks'])"); do \
+	   f=results/study/eval/smollm2-135m/$$t/calibrated-zero-shot.json; \
+	   if [ -f $$f ]; then cp $$f $(STUDY_REF)/calibrated-zero-shot-$$t.json; fi; done   # none for SQuAD/DROP
 
 tiny: setup
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(SNAKEMAKE) --configfile workflow/configs/tiny.yaml
