@@ -716,8 +716,7 @@ def ranking_tables(per_layer: pd.DataFrame, corr: pd.DataFrame) -> list[Table]:
                 "predictor's top (swept layers)", "sweep's best (dev)", "sweep's best (test)"],
                 [r for r, m in zip(rows, corr["model"]) if m == model]))
     for model, df in (per_layer.groupby("model", sort=True) if not per_layer.empty else []):
-        gains = [c for c in df.columns if c.endswith("_test_gain")]
-        tasks = [c[:-len("_test_gain")] for c in gains]
+        tasks = [c[:-len("_test_gain")] for c in df.columns if c.endswith("_test_gain")]
         rows = [[str(int(r["layer"])) + (" (probe)" if r["probe_first_outlier"] else ""), _f(r["max_abs"], ".4g"),
                  _f(r["zo_rms_g"], ".3g"), _f(r["fo_grad_norm"], ".3g"),
                  *[x for t in tasks for x in (_f(r[f"{t}_test_gain"], "+.1f"), _f(r[f"{t}_dev_drop"], ".3f"))]]
