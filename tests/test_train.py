@@ -406,3 +406,21 @@ def test_select_cli_writes_the_choice_and_hands_it_to_the_jobs(tmp_path, capsys)
     (tmp_path / "train/m/sst2/layer-3@lr0.001_eps0.001/seed0/log.json").unlink()
     with pytest.raises(DLZOError, match="has no log.json"):
         select_main(["run", str(out)])
+
+
+@pytest.mark.parametrize("method", ["layer-2", "mezo-full"])
+def test_resume_before_the_first_checkpoint_keeps_step_0_the_untrained_model(tmp_path, tiny_model, sst2_data,
+                                                                             method):
+    """A run cut before its first dev checkpoint resumes to the reference's dev curve: its step-0 dev loss is the
+    untrained model's, not that of the steps replayed (a bug that mislabelled three study runs)."""
+    extra = ["--steps", "6", "--eval-every", "4", "--lr", "1e-1"]
+    ref_res, ref = run(tmp_path, tiny_model, sst2_data, method, extra=extra, name="ref")
+    lines = (ref / "trajectory.jsonl").read_text().splitlines()
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    (cut / "trajectory.partial.jsonl").write_text("\n".join(lines[:1 + 3]) + "\n")  # header + 3 steps, no log
+    res, _ = run(tmp_path, tiny_model, sst2_data, method, extra=extra, name="cut")
+    assert res["resumed_from_step"] == 3
+    assert res["dev_curve"] == ref_res["dev_curve"]
+    assert ref_res["dev_curve"][1]["dev_loss"] != ref_res["dev_curve"][0]["dev_loss"]  # the steps moved the loss
+    assert (cut / "trajectory.jsonl").read_text() == (ref / "trajectory.jsonl").read_text()

@@ -336,20 +336,21 @@ def _train_zo(run: _Run) -> dict:
     partial = out / "trajectory.partial.jsonl"
     header = _header(args, kind, run.layer, run.how, run.n_params)
     done = _read_partial(partial, header)[: args.steps]
+    resumed_from = len(done)
+    log_path = out / "log.partial.json"
+    state = read_json(log_path) if resumed_from and log_path.exists() else {}
+    dev_curve = state.get("dev_curve", [])
+    best = state.get("best", {"step": 0, "dev_loss": math.inf})
+    if not dev_curve:  # step 0 is the untrained model's: measured before replaying a run cut before its 1st checkpoint
+        dev_curve.append({"step": 0, "dev_loss": run.dev_loss()})
+        write_json(log_path, {"dev_curve": dev_curve})
     opt.replay(done)
     with open(partial, "w") as fh:  # rewrite: drops a cut last line, keeps every good step
         fh.write(json.dumps(header) + "\n")
         for rec in done:
             fh.write(json.dumps(rec) + "\n")
-    resumed_from = len(done)
 
     prefix, model = run.prefix(), run.model
-    log_path = out / "log.partial.json"
-    state = read_json(log_path) if resumed_from and log_path.exists() else {}
-    dev_curve = state.get("dev_curve", [])
-    best = state.get("best", {"step": 0, "dev_loss": math.inf})
-    if not dev_curve:
-        dev_curve.append({"step": 0, "dev_loss": run.dev_loss()})
 
     stop = _Stop()
     step_times = []
