@@ -259,6 +259,12 @@ def test_minimal_reruns(workdir, tmp_path):
     zo = plan(touch="src/dlzo/zo.py")
     assert zo == runs("zo_train", plain) | runs("evaluate", plain) | tail | grid() | {
         ("probe_sensitivity", "model=tiny-llama"), ("probe_gradnorm", "model=tiny-llama")}
+    # an edit known to change no result (the comments above): `--touch` marks what it planned current without
+    # running it (the README's advice); the files keep their bytes, and nothing is left to do
+    before = (workdir / "results/tiny/tables/accuracy.csv").read_bytes()
+    snakemake(workdir, "--touch", "--cores", "1", "--configfile", str(cfg_path))
+    assert "Nothing to be done" in snakemake(workdir, "-n", "--configfile", str(cfg_path)).stdout
+    assert (workdir / "results/tiny/tables/accuracy.csv").read_bytes() == before
 
 
 GPU_RULES = {"probe_outliers", "probe_sensitivity", "probe_gradnorm", "zo_train", "evaluate", "evaluate_zero_shot",
