@@ -144,6 +144,8 @@ def test_sigterm_then_resume_is_bit_identical(tmp_path, tiny_model, sst2_data):
         assert (cut / "trajectory.jsonl").read_text() == (ref / "trajectory.jsonl").read_text()
         a, b = load_file(str(cut / "tuned.safetensors")), load_file(str(ref / "tuned.safetensors"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        # the file too, byte for byte (three processes wrote these: the header must not depend on the process)
+        assert (cut / "tuned.safetensors").read_bytes() == (ref / "tuned.safetensors").read_bytes()
         assert log["best_step"] == json.loads((ref / "log.json").read_text())["best_step"]
 
 
@@ -203,6 +205,12 @@ def test_replay_mode_rebuilds_the_same_model(tmp_path, tiny_model, sst2_data, me
     b = load_tuned_model(tiny_model, replay, torch.device("cpu"), torch.float32)
     pb = dict(b.named_parameters())
     assert all(torch.equal(p, pb[n]) for n, p in a.named_parameters())
+    # a marker as earlier versions wrote it (three metadata keys, not one JSON key) still replays
+    from safetensors.torch import save_file
+    save_file({}, str(replay / "tuned.safetensors"), metadata={"method": method, "best_step": "6", "replay": "true"})
+    c = load_tuned_model(tiny_model, replay, torch.device("cpu"), torch.float32)
+    pc = dict(c.named_parameters())
+    assert all(torch.equal(p, pc[n]) for n, p in a.named_parameters())
 
 
 # --- the paper's other baselines: first-order AdamW and Sparse-MeZO ------------------------------

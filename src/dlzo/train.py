@@ -418,9 +418,11 @@ def _train_zo(run: _Run) -> dict:
 def _save_tuned(path: Path, tensors: dict, method: str, best_step: int, replay: bool = False) -> None:
     from safetensors.torch import save_file
 
+    # one metadata key: safetensors writes its metadata map in a random order per process, so three keys
+    # gave the same tensors under different file bytes
+    info = json.dumps({"method": method, "best_step": best_step, "replay": replay}, sort_keys=True)
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"method": method, "best_step": str(best_step),
-                                               "replay": str(replay).lower()})
+        save_file(tensors, str(tmp), metadata={"dlzo": info})
 
 
 def _train_fo(run: _Run) -> dict:
@@ -512,7 +514,8 @@ def load_tuned_model(model_dir, run_dir, device, dtype):
 
     with safe_open(str(run_dir / "tuned.safetensors"), "pt") as fh:
         meta = fh.metadata() or {}
-    if meta.get("replay") == "true":  # rebuild the best checkpoint from the trajectory, bit for bit
+    info = json.loads(meta["dlzo"]) if "dlzo" in meta else meta  # earlier versions wrote three keys
+    if info.get("replay") in (True, "true"):  # rebuild the best checkpoint from the trajectory, bit for bit
         hyper = log["hyper"]
         traj = read_jsonl(run_dir / "trajectory.jsonl")[1:]
         zo_optimizer(named, log["kind"], hyper["lr"], hyper["eps"], hyper["weight_decay"], log["seed"],
