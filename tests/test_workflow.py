@@ -393,9 +393,11 @@ def test_study_config_plans_the_study(workdir):
 def test_sweep_tasks_limits_the_sweep_to_its_tasks(workdir):
     """`sweep_tasks: [sst2]`: squad loses its two sweep layers (each a two-point lr grid: 2 training runs and a
     selection) and their evaluations, nothing else."""
-    whole = planned_jobs(snakemake(workdir, "-n", "--quiet", "rules", "--configfile", "workflow/configs/tiny.yaml"))
+    # --forceall: the whole plan, whatever the tests before this one ran or marked current in this workdir
+    whole = planned_jobs(snakemake(workdir, "-n", "--forceall", "--quiet", "rules", "--configfile",
+                                   "workflow/configs/tiny.yaml"))
     path = _edit(workdir, "sweep-tasks", lambda c: c.update(sweep_tasks=["sst2"]))
-    part = planned_jobs(snakemake(workdir, "-n", "--quiet", "rules", "--configfile", str(path)))
+    part = planned_jobs(snakemake(workdir, "-n", "--forceall", "--quiet", "rules", "--configfile", str(path)))
     gone = {k: whole[k] - part.get(k, 0) for k in whole if whole[k] != part.get(k, 0)}
     assert gone == {"zo_train": 4, "select_hyper": 2, "evaluate": 2}
 
