@@ -238,6 +238,21 @@ def test_a_task_without_a_sweep(results, tmp_path):
     assert (results["out"] / "layer_sweep.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_lr_column_names_each_task_when_the_grids_chose_differently(results):
+    """The SmolLM2 study's dominant grid chose 1e-4 on COPA and 1e-3 on SST-2: the lr cell says which is which
+    (it once read '1e-4/1e-3'); a method with one lr on every task keeps one value."""
+    for p in results["logs"]:
+        if "/copa/dominant/" in p:
+            log = json.loads(Path(p).read_text())
+            log["hyper"]["lr"] = 1e-4
+            Path(p).write_text(json.dumps(log))
+    run(results)
+    md = (results["out"] / "accuracy.md").read_text()
+    row = next(ln for ln in md.splitlines() if ln.startswith("| dominant (layer 3, probe) |"))
+    assert row.endswith("| 2 | copa 1e-4, sst2 5e-5 |")
+    assert next(ln for ln in md.splitlines() if ln.startswith("| mezo-full |")).endswith("| 2 | 1e-6 |")
+
+
 def test_missing_result_file_is_named(results, tmp_path):
     missing = str(tmp_path / "results/eval/m/sst2/lora-zo/seed0.json")
     with pytest.raises(DLZOError, match="lora-zo/seed0.json does not exist"):
@@ -296,8 +311,9 @@ def test_grid_selection_and_layer_predictor_tables(results, tmp_path):
     write_tables(evals, results["logs"], [probe], results["out"], selection_paths=[sel], sensitivity_paths=[sens],
                  gradnorm_paths=[grad])
     md = (results["out"] / "hyper_selection.md").read_text()
-    assert "| sst2 | dominant | 1e-3 | 1e-3 | 0.6000 | 5 | **chosen** |  |" in md
-    assert "diverged at step 2" in md and md.count("**chosen**") == 1
+    assert "| task | method | lr | eps | dev loss (best checkpoint) | best step | chosen | note |" in md
+    assert "| sst2 | dominant | 1e-3 | 1e-3 | 0.6000 | 5 | **yes** |  |" in md
+    assert "diverged at step 2" in md and md.count("| **yes** |") == 1
     ranking = pd.read_csv(results["out"] / "layer_ranking.csv")
     row3 = ranking[ranking["layer"] == 3].iloc[0]
     assert row3["max_abs"] == 40 and row3["zo_rms_g"] == 5 and row3["fo_grad_norm"] == 5 and row3["probe_first_outlier"]

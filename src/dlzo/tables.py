@@ -463,6 +463,17 @@ def protocol_note(evals: pd.DataFrame, metas: dict[str, dict]) -> str:
             "validation set (a demo protocol, not the paper's).")
 
 
+def _lr_cell(rows: pd.DataFrame) -> str:
+    """The lr column of one method's row: one text when every task used the same lr(s), else each task's
+    ('copa 1e-4, sst2 1e-3'), so a grid that chose differently per task stays readable."""
+    per_task = {task: _lr_text(x for s in g["lr"] for x in str(s).split("/") if x)
+                for task, g in rows.groupby("task", sort=True)}
+    texts = {v for v in per_task.values() if v}
+    if len(texts) <= 1:
+        return texts.pop() if texts else "-"
+    return ", ".join(f"{task} {v}" for task, v in per_task.items() if v)
+
+
 def accuracy_tables(acc: pd.DataFrame, runs: pd.DataFrame, evals: pd.DataFrame) -> list[Table]:
     tables = []
     for model, sub in acc.groupby("model", sort=True):
@@ -487,8 +498,7 @@ def accuracy_tables(acc: pd.DataFrame, runs: pd.DataFrame, evals: pd.DataFrame) 
             is_seedless = evals[(evals["model"] == model) & (evals["method"] == method)]["seed"].isna().all() \
                 if method != BEST else False
             rows.append([_method_label(method, runs, model), *cells,
-                         "-" if is_seedless else _seeds_text(seeded["n_seeds"]),
-                         _lr_text(x for s in seeded["lr"] for x in str(s).split("/") if x) or "-"])
+                         "-" if is_seedless else _seeds_text(seeded["n_seeds"]), _lr_cell(seeded)])
         header = ["method"] + [f"{t} ({metric[t]})" if metric.get(t) else t for t in tasks] + ["n seeds", "lr"]
         tables.append(Table(f"{model}: test accuracy / F1 (%)", header, rows))
     return tables
@@ -634,15 +644,15 @@ def selection_tables(sel: pd.DataFrame) -> list[Table]:
                 div = f"diverged at step {int(r.diverged_at_step)}" if pd.notna(r.diverged_at_step) else ""
                 rows.append([task, method, _lr_text([r.lr]), _lr_text([r.eps]) or "-", _f(r.best_dev_loss, ".4f"),
                              "-" if r.best_step is None or pd.isna(r.best_step) else str(int(r.best_step)),
-                             "**chosen**" if r.chosen else "", div])
+                             "**yes**" if r.chosen else "", div])
         tables.append(Table(f"{model}: learning-rate grids, chosen on the dev split", [
-            "task", "method", "lr", "eps", "dev loss (best checkpoint)", "best step", "", "note"], rows))
+            "task", "method", "lr", "eps", "dev loss (best checkpoint)", "best step", "chosen", "note"], rows))
     return tables
 
 
 SEL_NOTE = ("Every grid point trains with the method's first seed; the point with the lowest dev loss (of its best "
-            "checkpoint) is chosen, and the other seeds train at it only. The test split plays no part. A point whose "
-            "loss became non-finite keeps its best checkpoint before that ('diverged').")
+            "checkpoint) is chosen (**yes**), and the other seeds train at it only. The test split plays no part. "
+            "A point whose loss became non-finite keeps its best checkpoint before that ('diverged').")
 
 
 def _spearman(a: pd.Series, b: pd.Series) -> float:
