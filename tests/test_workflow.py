@@ -381,13 +381,14 @@ def test_study_config_plans_the_study(workdir):
     """The SmolLM2-135M study (results/reference/smollm2-135m/README.md) plans the runs its README counts."""
     proc = snakemake(workdir, "-n", "--quiet", "rules", "--configfile", "workflow/configs/smollm2-study.yaml")
     cfg = yaml.safe_load((workdir / "workflow/configs/smollm2-study.yaml").read_text())
+    assert list(cfg["tasks"]) == ["copa", "sst2"] and cfg["sweep_tasks"] == ["copa"]
     sweep = len(cfg["sweep_layers"])
     headline = 4 * 2 + 4 * 2 + 2  # 4 ZO methods x (2 lr points with seed 0 + seeds 1-2); fo-adamw's 2 points
-    assert headline + sweep == 37  # the number the config's header and the study's README give
-    assert planned_jobs(proc) == {"download_model": 1, "prepare_data": 1, "probe_outliers": 1,
-                                  "probe_sensitivity": 1, "probe_gradnorm": 1, "zo_train": headline + sweep,
-                                  "select_hyper": 5, "evaluate": 4 * 3 + 1 + sweep, "evaluate_zero_shot": 1,
-                                  "evaluate_calibrated": 1, "tables": 1, "all": 1}
+    assert 2 * headline + sweep == 55  # the number the config's header and the study's README give
+    assert planned_jobs(proc) == {"download_model": 1, "prepare_data": 2, "probe_outliers": 1,
+                                  "probe_sensitivity": 1, "probe_gradnorm": 1, "zo_train": 2 * headline + sweep,
+                                  "select_hyper": 2 * 5, "evaluate": 2 * (4 * 3 + 1) + sweep,
+                                  "evaluate_zero_shot": 2, "evaluate_calibrated": 2, "tables": 1, "all": 1}
 
 
 def test_sweep_tasks_limits_the_sweep_to_its_tasks(workdir):
