@@ -466,12 +466,11 @@ def protocol_note(evals: pd.DataFrame, metas: dict[str, dict]) -> str:
 def _lr_cell(rows: pd.DataFrame) -> str:
     """The lr column of one method's row: one text when every task used the same lr(s), else each task's
     ('copa 1e-4, sst2 1e-3'), so a grid that chose differently per task stays readable."""
-    per_task = {task: _lr_text(x for s in g["lr"] for x in str(s).split("/") if x)
-                for task, g in rows.groupby("task", sort=True)}
-    texts = {v for v in per_task.values() if v}
+    per_task = {task: lr for task, lr in sorted(zip(rows["task"], rows["lr"])) if isinstance(lr, str) and lr}
+    texts = set(per_task.values())  # one row per task, its lr text made by accuracy_table
     if len(texts) <= 1:
         return texts.pop() if texts else "-"
-    return ", ".join(f"{task} {v}" for task, v in per_task.items() if v)
+    return ", ".join(f"{task} {v}" for task, v in per_task.items())
 
 
 def accuracy_tables(acc: pd.DataFrame, runs: pd.DataFrame, evals: pd.DataFrame) -> list[Table]:
