@@ -76,3 +76,25 @@ def test_memory_modes_report_what_they_tune(tiny_model):
     assert out["fo_full"]["tuned_params"] == model.num_parameters() > out["sparse_mezo"]["tuned_params"]
     assert out["fo_layer"]["tuned_params"] == out["layer"]["tuned_params"] == layer2
     assert out["fo_full"]["weights_dtype"] == "float32" and out["fo_full"]["amp"] == "off"
+
+
+def test_scoring_mode_times_both_scorings_on_real_batches(tmp_path, tiny_model, sst2_data, squad_data):
+    """--scoring: the task's training batches scored per candidate and with a shared prompt; one-byte
+    candidates (single tokens for the tiny byte tokenizer) halve the sequences, the losses agree."""
+    rows = [json.loads(x) for x in (sst2_data / "train.jsonl").read_text().splitlines()]
+    data = tmp_path / "sst2"
+    data.mkdir()
+    (data / "train.jsonl").write_text("".join(json.dumps({**r, "candidates": ["-", "+"]}) + "\n" for r in rows))
+    out = tmp_path / "scoring.json"
+    assert bench.main(["--scoring", "--model", str(tiny_model), "--data", str(data), "--task", "sst2",
+                       "--batch-size", "4", "--steps", "2", "--threads", "1", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert set(res["modes"]) == {"per-sequence", "shared-prompt"}
+    per, shared = res["modes"]["per-sequence"], res["modes"]["shared-prompt"]
+    assert per["tokens_per_batch"] > shared["tokens_per_batch"] and 1.7 < res["token_ratio"] < 2.3
+    assert res["speedup"] == pytest.approx(per["s_per_step"] / shared["s_per_step"])
+    assert res["max_abs_loss_diff"] < 1e-5
+    with pytest.raises(SystemExit):  # --data and --task are required
+        bench.main(["--scoring", "--model", str(tiny_model), "--out", str(out)])
+    with pytest.raises(Exception, match="nothing is scored by candidates"):
+        bench.scoring_bench(str(tiny_model), str(squad_data), "squad", 2, 64, 1, "cpu", "fp32", 1)

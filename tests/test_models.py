@@ -120,6 +120,35 @@ def test_lm_loss_and_padding_invariance(tiny_model):
     assert float(padded[0]) == pytest.approx(float(alone[0]), rel=1e-5)  # right padding changes nothing
 
 
+def test_shared_prompt_scores_equal_one_sequence_per_candidate(tiny_model):
+    """share_prompt: examples whose candidates differ only in their last token become one sequence (the
+    prompt and the shared tokens: here the prompt's trailing space, which moves into every continuation,
+    and "ok"), each candidate's last token read at its last position; the others (candidates of different
+    lengths, or differing before their last token) keep a sequence per candidate. Scores and loss equal
+    the per-candidate batch's, also under truncation and beside padding."""
+    model, tok = load_model(tiny_model, CPU, torch.float32), load_tokenizer(tiny_model)
+    recs = [{"prompt": "a fine film . Verdict:", "candidates": ["-", "+"], "label": 1},           # one byte each
+            {"prompt": "x " * 40 + "dull . Verdict:", "candidates": ["-", "+", "?"], "label": 0},
+            {"prompt": "so so . Verdict:", "candidates": ["-", "+-"], "label": 1},             # "+-": two tokens
+            {"prompt": "meh .\nVerdict? ", "candidates": ["ok-", "ok+"], "label": 0},          # " ok" shared
+            {"prompt": "fine . Verdict:", "candidates": ["ab", "cd"], "label": 1}]                # differ early
+    for max_len in (None, 24):
+        per = make_batch(tok, recs, "candidates", CPU, max_len)
+        shared = make_batch(tok, recs, "candidates", CPU, max_len, share_prompt=True)
+        assert per.input_ids.shape[0] == 11 and shared.input_ids.shape[0] == 1 + 1 + 2 + 1 + 2
+        assert [k[1] for k in shared.keys] == ["prompt", "prompt", 0, 1, "prompt", 0, 1]
+        assert shared.n_units == per.n_units == 11
+        with torch.no_grad():
+            torch.testing.assert_close(sequence_scores(model, shared), sequence_scores(model, per),
+                                       rtol=1e-5, atol=1e-5)
+            assert float(loss(model, shared)) == pytest.approx(float(loss(model, per)), rel=1e-5)
+        if max_len:
+            assert shared.input_ids.shape[1] <= max_len - 1
+    lm = make_batch(tok, [{"prompt": "Q: sky?\nAnswer:", "answers": ["blue"], "candidates": None, "label": None}],
+                    "lm", CPU, share_prompt=True)
+    assert lm.keys == [(None, 0)]  # nothing to share in an LM loss
+
+
 def test_truncation_keeps_the_answer(tiny_model):
     tok = load_tokenizer(tiny_model)
     rec = {"prompt": "x " * 200 + "It was", "candidates": [" terrible", " great"], "label": 0}

@@ -13,7 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 from dlzo import DLZOError
-from dlzo.models import load_model
+from dlzo.models import load_model, load_tokenizer
+from dlzo.objectives import make_batch
 from dlzo.train import load_tuned_model, main, parse_args, train
 
 from conftest import REPO
@@ -182,6 +183,44 @@ def test_paired_suffix_matches_two_passes(tmp_path, tiny_model, sst2_data, metho
         assert a["g"] == pytest.approx(b["g"], rel=1e-2, abs=1e-3)
     for k, v in runs["off"][1].items():
         torch.testing.assert_close(runs["on"][1][k], v, rtol=1e-3, atol=2e-5)
+
+
+@pytest.mark.parametrize("method", ["mezo-full", "layer-1", "fo-adamw"])
+def test_shared_prompt_scoring_trains_as_per_sequence(tmp_path, tiny_model, sst2_data, method):
+    """--scoring shared-prompt (candidates read from one pass of the prompt): the same losses,
+    projected gradients and tuned weights as one sequence per candidate, with the prefix cache too; the
+    option is in the run's config hash only when set, so runs made before it existed still resume."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for split in ("train", "dev"):  # one-byte candidates: single tokens for the tiny model's byte tokenizer
+        rows = [json.loads(x) for x in (sst2_data / f"{split}.jsonl").read_text().splitlines()]
+        (data / f"{split}.jsonl").write_text("".join(json.dumps({**r, "candidates": ["-", "+"]}) + "\n" for r in rows))
+    rows = [json.loads(x) for x in (data / "train.jsonl").read_text().splitlines()]
+    shared = make_batch(load_tokenizer(tiny_model), rows, "candidates", torch.device("cpu"), share_prompt=True)
+    assert shared.input_ids.shape[0] == len(rows)  # one sequence per example, not two: the path is taken
+    runs = {}
+    for scoring in ("per-sequence", "shared-prompt"):
+        res, out = run(tmp_path, tiny_model, data, method, name=f"{method}-{scoring}",
+                       extra=["--scoring", scoring, "--steps", "4"])
+        assert res["hyper"]["scoring"] == scoring
+        lines = [json.loads(x) for x in (out / "trajectory.jsonl").read_text().splitlines()]
+        runs[scoring] = (lines, load_file(str(out / "tuned.safetensors")), res)
+    (head_per, *per), weights_per, res_per = runs["per-sequence"]
+    (head_sh, *sh), weights_sh, res_sh = runs["shared-prompt"]
+    assert "scoring" not in head_per["header"] and head_sh["header"]["scoring"] == "shared-prompt"
+    assert head_per["config_hash"] != head_sh["config_hash"]
+    # AdamW turns float-rounding differences of near-zero gradients into whole steps of lr: after the
+    # first update a first-order run agrees only roughly, and its weights are not compared
+    fo = method == "fo-adamw"
+    for i, (a, b) in enumerate(zip(sh, per)):
+        for key in ("loss", "loss_plus", "loss_minus"):
+            if key in b:
+                assert a[key] == pytest.approx(b[key], rel=1e-3 if fo and i else 1e-5)
+    assert [d["dev_loss"] for d in res_sh["dev_curve"]] == pytest.approx([d["dev_loss"] for d in res_per["dev_curve"]],
+                                                                          rel=1e-3 if fo else 1e-5)
+    for k, v in weights_per.items():
+        if not fo:
+            torch.testing.assert_close(weights_sh[k], v, rtol=1e-3, atol=2e-5)
 
 
 def test_paired_suffix_needs_a_prefix(tmp_path, tiny_model, sst2_data):

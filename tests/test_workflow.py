@@ -403,6 +403,29 @@ def test_sweep_tasks_limits_the_sweep_to_its_tasks(workdir):
     assert gone == {"zo_train": 4, "select_hyper": 2, "evaluate": 2}
 
 
+def test_candidate_scoring_reaches_only_its_tasks_training(workdir):
+    """train.candidate_scoring, overridden per task: `--scoring` is in a training command only where it is
+    not the default, so configs without the key plan the commands (and params) they always did."""
+    def commands(path=None):
+        extra = ("--configfile", str(path)) if path else ("--configfile", "workflow/configs/tiny.yaml")
+        out = snakemake(workdir, "-n", "--forceall", "-p", *extra).stdout
+        runs = [line for line in out.splitlines() if "python -m dlzo.train" in line]
+        assert runs
+        return {task: [r for r in runs if f"--task {task} " in r] for task in ("sst2", "squad")}
+
+    plain = commands()
+    assert not any("--scoring" in r for rs in plain.values() for r in rs)
+    one = commands(_edit(workdir, "scoring-sst2", lambda c: c["tasks"]["sst2"].update(candidate_scoring="shared-prompt")))
+    assert all("--scoring shared-prompt" in r for r in one["sst2"]) and not any("--scoring" in r for r in one["squad"])
+    assert len(one["sst2"]) == len(plain["sst2"])
+
+    def both(c):
+        c["train"]["candidate_scoring"] = "shared-prompt"
+        c["tasks"]["squad"]["candidate_scoring"] = "per-sequence"
+    two = commands(_edit(workdir, "scoring-global", both))
+    assert all("--scoring shared-prompt" in r for r in two["sst2"]) and not any("--scoring" in r for r in two["squad"])
+
+
 def test_paper_config_plans_the_whole_dag_offline(workdir):
     proc = snakemake(workdir, "-n", "--quiet", "rules")
     jobs = planned_jobs(proc)
@@ -448,6 +471,7 @@ BAD_CONFIGS = {
     "method-seeds-unknown-method": (lambda c: c.update(method_seeds={"adamw": [0]}), "method_seeds.adamw"),
     "gradnorm-unknown-task": (lambda c: c["probe"]["gradnorm"].update(task="mnli"), "probe.gradnorm.task"),
     "calibration-l2-negative": (lambda c: c["evaluate"].update(calibration_l2=[-1]), "calibration_l2"),
+    "scoring-unknown": (lambda c: c["tasks"]["sst2"].update(candidate_scoring="shared"), "candidate_scoring"),
 }
 
 

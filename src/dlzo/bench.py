@@ -31,6 +31,14 @@ taking off each process's memory before the model was loaded (CPU: the Python an
 RSS, a few hundred MB that every method pays alike; GPU: zero). Weights are fp32 on CPU; on GPU the
 ZO rows and inference use the runtime dtype (fp16 by default) and the FO rows fp32 master weights
 under bf16 autocast, as dlzo.train runs them.
+
+    python -m dlzo.bench --scoring --model <model dir> --data <prepared task folder> --task rte --out scoring.json
+
+The training loss of a task scored by candidates, on its real training batches (as a run with seed 0
+draws them), one sequence per candidate against ``train --scoring shared-prompt`` (one sequence per
+example whose candidates differ only in their last token): per mode the tokens per batch and the median seconds of a
+ZO step's two forward passes, taken alternately on the same batches; ``speedup`` and the largest
+difference of the two modes' losses (float rounding only).
 """
 from __future__ import annotations
 
@@ -271,6 +279,58 @@ def memory_bench(model_dir: str, layers: list[int], shapes: list[str], steps: in
     return out
 
 
+def scoring_bench(model_dir: str, data: str, task: str, batch_size: int, max_len: int, steps: int, device: str,
+                  dtype: str, threads: int | None) -> dict:
+    """Per-candidate against shared-prompt scoring of one task's training batches (see the docstring)."""
+    from pathlib import Path
+
+    from dlzo import DLZOError
+    from dlzo.io import read_jsonl
+    from dlzo.models import load_model, load_tokenizer
+    from dlzo.objectives import loss, make_batch
+    from dlzo.runtime import pick_device, set_threads
+    from dlzo.tasks import get_task
+    from dlzo.train import batch_indices, weights_dtype
+
+    set_threads(threads)
+    dev = pick_device(device)
+    spec = get_task(task)
+    if spec.objective != "candidates":
+        raise DLZOError(f"--scoring: task {task} has objective {spec.objective!r}: nothing is scored by candidates")
+    rows = read_jsonl(Path(data) / "train.jsonl")
+    model = load_model(model_dir, dev, weights_dtype(dtype, dev, "mezo-full"))
+    tok = load_tokenizer(model_dir)
+    modes = {"per-sequence": False, "shared-prompt": True}
+    times = {m: [] for m in modes}
+    tokens = {m: [] for m in modes}
+    diff = 0.0
+    with torch.no_grad():
+        for step in range(steps + 1):  # step 0 warms up and is not timed
+            idx = batch_indices(len(rows), min(batch_size, len(rows)), 0, step)
+            losses = {}
+            for m, share in modes.items():
+                batch = make_batch(tok, [rows[i] for i in idx], spec.objective, dev, max_len, share)
+                _sync(dev)
+                t0 = time.perf_counter()
+                losses[m] = float(loss(model, batch))
+                loss(model, batch)  # a ZO step runs two forward passes
+                _sync(dev)
+                if step:
+                    times[m].append(time.perf_counter() - t0)
+                    tokens[m].append(int(batch.input_ids.numel()))
+            diff = max(diff, abs(losses["per-sequence"] - losses["shared-prompt"]))
+    res = {"bench": "scoring", "model": model_dir, "data": data, "task": task, "batch_size": batch_size,
+           "max_len": max_len, "steps": steps, "device": str(dev), "threads": threads,
+           "schedule": "alternating: each batch in both modes, per-sequence first",
+           "modes": {m: {"s_per_step": statistics.median(times[m]), "tokens_per_batch": statistics.mean(tokens[m])}
+                     for m in modes},
+           "max_abs_loss_diff": diff}
+    res["speedup"] = res["modes"]["per-sequence"]["s_per_step"] / res["modes"]["shared-prompt"]["s_per_step"]
+    res["token_ratio"] = (res["modes"]["per-sequence"]["tokens_per_batch"]
+                          / res["modes"]["shared-prompt"]["tokens_per_batch"])
+    return res
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
@@ -284,13 +344,22 @@ def main(argv=None) -> int:
     ap.add_argument("--memory", action="store_true", help="the memory comparison of the methods (see above)")
     ap.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=list(SHAPES), help="--memory: batch shapes")
     ap.add_argument("--sparsity", type=float, default=0.75, help="--memory: sparse-mezo's frozen fraction")
+    ap.add_argument("--scoring", action="store_true", help="per-candidate vs shared-prompt scoring (see above)")
+    ap.add_argument("--data", default=None, help="--scoring: a prepared task folder (train.jsonl)")
+    ap.add_argument("--task", default=None, help="--scoring: the task's name (its objective and prompt)")
+    ap.add_argument("--batch-size", type=int, default=8, help="--scoring: examples per batch")
+    ap.add_argument("--max-len", type=int, default=256, help="--scoring: as train --max-len")
     a = ap.parse_args(argv)
+    if a.scoring and not (a.data and a.task):
+        ap.error("--scoring needs --data <prepared task folder> and --task <name>")
     layers = list(a.layers)
     if a.probe:
         first = read_json(a.probe, "probe result").get("first_outlier_layer")
         if first is not None and first not in layers:
             layers.append(first)
-    if a.memory:
+    if a.scoring:
+        res = scoring_bench(a.model, a.data, a.task, a.batch_size, a.max_len, a.steps, a.device, a.dtype, a.threads)
+    elif a.memory:
         res = memory_bench(a.model, layers, a.shapes, a.steps, a.device, a.dtype, a.threads, a.sparsity)
     else:
         res = bench(a.model, layers, a.steps, a.device, a.dtype, a.threads)

@@ -4,6 +4,12 @@
 the loss is the cross-entropy of those scores against the gold candidate (SST-2, RTE, CB, BoolQ,
 WSC, MultiRC). ``lm``: teacher-forced LM loss on the gold answer tokens only (COPA, SQuAD, DROP).
 
+With ``share_prompt``, an example whose candidates differ only in their LAST token (SST-2's
+" terrible"/" great"; RTE's, CB's and BoolQ's "\nYes"/"\nNo", where lm-eval's split moves the prompt's
+trailing newline into every continuation) is one sequence, the prompt and the tokens the candidates
+share, and each candidate's last token is read from the logits at that sequence's last position: the
+same scores as one sequence per candidate (up to float rounding), at half the tokens for two.
+
 Prompt and continuation are tokenised as lm-eval does (trailing spaces of the prompt move to the
 continuation; the continuation's tokens are those of prompt+continuation past the prompt's), so
 training scores exactly the token sequences that evaluation scores.
@@ -25,11 +31,12 @@ class Batch:
     attention_mask: torch.Tensor  # (n_seq, T)
     score_pos: torch.Tensor       # (n_tok,) flat index into (n_seq*T) of positions whose logits predict a scored token
     score_tok: torch.Tensor       # (n_tok,) the scored token ids
-    score_seq: torch.Tensor       # (n_tok,) which sequence each scored token belongs to
+    score_seq: torch.Tensor       # (n_tok,) which scored unit (candidate; for "lm", sequence) each token belongs to
     n_cands: list[int]            # candidates per example (objective "candidates"); [] for "lm"
     labels: torch.Tensor          # (n_examples,) gold candidate index; empty for "lm"
     objective: str
-    keys: list[tuple] = field(default_factory=list)  # (record id, candidate) per sequence: prefix cache keys
+    keys: list[tuple] = field(default_factory=list)  # per sequence: (record id, candidate or "prompt"), prefix cache keys
+    n_units: int = 0                                 # scored units: one per candidate ("lm": per sequence)
     memo: dict = field(default_factory=dict)          # per-batch work shared by the two perturbed passes
 
 
@@ -44,9 +51,19 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     return ctx, whole[len(ctx):]
 
 
+def _shared_prompt(pairs: list[tuple[list[int], list[int]]]) -> bool:
+    """Candidates that differ only in their last token, after one and the same prompt."""
+    ctx0, cont0 = pairs[0]
+    return len(pairs) > 1 and all(ctx == ctx0 and len(cont) == len(cont0) and cont[:-1] == cont0[:-1]
+                                  for ctx, cont in pairs)
+
+
 def make_batch(tokenizer, records: list[dict], objective: str, device: torch.device,
-               max_len: int | None = None) -> Batch:
-    seqs, conts, n_cands, labels, keys = [], [], [], [], []
+               max_len: int | None = None, share_prompt: bool = False) -> Batch:
+    """One padded batch; ``share_prompt``: one sequence for an example whose candidates differ only in
+    their last token (the others keep one sequence per candidate)."""
+    seqs, n_cands, labels, keys = [], [], [], []
+    scored: list[tuple[list, bool]] = []  # per sequence: its scored (position, token)s (shared: a list per candidate)
     for rec in records:
         if objective == "candidates":
             cands = rec.get("candidates")
@@ -59,31 +76,45 @@ def make_batch(tokenizer, records: list[dict], objective: str, device: torch.dev
             pairs = [encode_pair(tokenizer, rec["prompt"], gold_continuation(rec))]
         else:
             raise DLZOError(f"unknown objective {objective!r}: expected 'candidates' or 'lm'")
-        for k, (ctx, cont) in enumerate(pairs):
-            keys.append((rec.get("id"), k))
-            if not cont:
-                raise DLZOError(f"record {rec.get('id')!r}: the continuation has no tokens")
-            ids = ctx + cont
-            if max_len and len(ids) > max_len:  # keep the end: the continuation must survive truncation
-                cut = len(ids) - max_len
-                ids = ids[cut:]
+        if any(not cont for _, cont in pairs):
+            raise DLZOError(f"record {rec.get('id')!r}: the continuation has no tokens")
+        if share_prompt and _shared_prompt(pairs):
+            ctx, cont = pairs[0]
+            ids = ctx + cont[:-1]  # the prompt and the continuation's shared tokens
+            if max_len and len(ids) > max_len - 1:  # as each candidate's sequence would be cut: keep the end
+                ids = ids[len(ids) - (max_len - 1):]
+            keys.append((rec.get("id"), "prompt"))
             seqs.append(ids)
-            conts.append(len(cont))
+            common = [(j, ids[j]) for j in range(len(ids) - len(cont) + 1, len(ids))]
+            # per candidate: the shared tokens, then its own last one, predicted by the sequence's last logits
+            scored.append(([[*common, (len(ids), c[-1])] for _, c in pairs], True))
+        else:
+            for k, (ctx, cont) in enumerate(pairs):
+                keys.append((rec.get("id"), k))
+                ids = ctx + cont
+                if max_len and len(ids) > max_len:  # keep the end: the continuation must survive truncation
+                    cut = len(ids) - max_len
+                    ids = ids[cut:]
+                seqs.append(ids)
+                scored.append(([(j, ids[j]) for j in range(len(ids) - len(cont), len(ids))], False))
     T = max(len(s) for s in seqs)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     input_ids = torch.full((len(seqs), T), pad, dtype=torch.long)
     mask = torch.zeros((len(seqs), T), dtype=torch.long)
-    pos, tok, seq_of = [], [], []
-    for i, (ids, n_cont) in enumerate(zip(seqs, conts)):
+    pos, tok, unit_of = [], [], []
+    n_units = 0
+    for i, (ids, (marks, shared)) in enumerate(zip(seqs, scored)):
         input_ids[i, : len(ids)] = torch.tensor(ids)
         mask[i, : len(ids)] = 1
-        for j in range(len(ids) - n_cont, len(ids)):  # logits at j-1 predict token j
-            pos.append(i * T + j - 1)
-            tok.append(ids[j])
-            seq_of.append(i)
+        for unit in (marks if shared else [marks]):  # a shared sequence holds one unit per candidate
+            for j, t in unit:  # logits at j-1 predict the token at j
+                pos.append(i * T + j - 1)
+                tok.append(t)
+                unit_of.append(n_units)
+            n_units += 1
     as_t = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
-    return Batch(input_ids.to(device), mask.to(device), as_t(pos), as_t(tok), as_t(seq_of),
-                 n_cands, as_t(labels), objective, keys)
+    return Batch(input_ids.to(device), mask.to(device), as_t(pos), as_t(tok), as_t(unit_of),
+                 n_cands, as_t(labels), objective, keys, n_units=n_units)
 
 
 def _backbone_and_head(model):
@@ -116,14 +147,14 @@ def token_logprobs(model, batch: Batch, prefix: "FrozenPrefix | None" = None) ->
 
 
 def sequence_scores(model, batch: Batch, prefix: "FrozenPrefix | None" = None) -> torch.Tensor:
-    """Mean log-prob of each sequence's continuation tokens."""
+    """Mean log-prob of each scored unit's continuation tokens (a unit: a candidate, or an "lm" sequence)."""
     return _scores(token_logprobs(model, batch, prefix), batch)
 
 
 def _scores(lp: torch.Tensor, batch: Batch) -> torch.Tensor:
-    n_seq = batch.input_ids.shape[0]
-    total = torch.zeros(n_seq, device=lp.device).index_add_(0, batch.score_seq, lp)
-    count = torch.zeros(n_seq, device=lp.device).index_add_(0, batch.score_seq, torch.ones_like(lp))
+    n = batch.n_units or batch.input_ids.shape[0]
+    total = torch.zeros(n, device=lp.device).index_add_(0, batch.score_seq, lp)
+    count = torch.zeros(n, device=lp.device).index_add_(0, batch.score_seq, torch.ones_like(lp))
     return total / count
 
 

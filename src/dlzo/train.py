@@ -119,12 +119,13 @@ def build(model_dir, kind: str, layer: int | None, device, dtype, lora_r: int, l
 
 
 def _mean_loss(model, tokenizer, records, objective, device, batch_size, max_len,
-               amp=contextlib.nullcontext) -> float:
+               amp=contextlib.nullcontext, share_prompt: bool = False) -> float:
     total, n = 0.0, 0
     with torch.no_grad(), amp():
         for i in range(0, len(records), batch_size):
             chunk = records[i:i + batch_size]
-            total += float(objective_loss(model, make_batch(tokenizer, chunk, objective, device, max_len))) * len(chunk)
+            batch = make_batch(tokenizer, chunk, objective, device, max_len, share_prompt)
+            total += float(objective_loss(model, batch)) * len(chunk)
             n += len(chunk)
     return total / max(n, 1)
 
@@ -165,6 +166,8 @@ def _header(args, kind, layer, how, n_params) -> dict:
             "lora_r", "lora_alpha", "max_len", "restore", "prefix_cache", "paired_suffix", "dtype", "sparsity", "amp",
             "max_grad_norm")
     cfg = {k: getattr(args, k) for k in keys}
+    if args.scoring != "per-sequence":  # only when set: runs from before the option keep their hash (and resume)
+        cfg["scoring"] = args.scoring
     cfg.update(kind=kind, layer=layer, layer_from=how, tuned_params=n_params)
     digest = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return {"header": cfg, "config_hash": digest}
@@ -208,6 +211,7 @@ class _Run:
             raise DLZOError(f"{data / 'train.jsonl'} is empty: nothing to train on")
         self.kind, self.layer, self.how = resolve_method(args.method, args.probe, args.layer, args.model_name)
         self.fo = self.kind in FO_KINDS
+        self.share_prompt = args.scoring == "shared-prompt"
         self.dtype = weights_dtype(args.dtype, self.device, self.kind)
         args.amp, self.amp = amp_context(args.amp, self.device, self.kind)
         if self.fo and args.save_tuned == "replay":
@@ -244,14 +248,14 @@ class _Run:
     def batch(self, step: int):
         idx = batch_indices(len(self.train_rows), self.bs, self.args.seed, step)
         return make_batch(self.tokenizer, [self.train_rows[i] for i in idx], self.task.objective, self.device,
-                          self.args.max_len)
+                          self.args.max_len, self.share_prompt)
 
     def dev_loss(self) -> float:
         a = self.args
         if not self.dev_eval:
             return float("nan")
         return _mean_loss(self.model, self.tokenizer, self.dev_eval, self.task.objective, self.device,
-                          a.eval_batch_size, a.max_len, self.amp)
+                          a.eval_batch_size, a.max_len, self.amp, self.share_prompt)
 
     def prefix(self):
         """The frozen-prefix cache of single-layer methods (None for the others)."""
@@ -264,7 +268,8 @@ class _Run:
         if mode == "dataset":  # fixed chunks in file order: the same bits however the run is resumed
             with self.amp():
                 prefix.fill(make_batch(self.tokenizer, self.train_rows[i:i + a.eval_batch_size], self.task.objective,
-                                       self.device, a.max_len) for i in range(0, len(self.train_rows), a.eval_batch_size))
+                                       self.device, a.max_len, self.share_prompt)
+                            for i in range(0, len(self.train_rows), a.eval_batch_size))
         return prefix
 
     def bar(self, start: int):
@@ -404,7 +409,7 @@ def _train_zo(run: _Run) -> dict:
     _save_tuned(out / "tuned.safetensors", tensors, args.method, best["step"], replay=save_tuned == "replay")
     hyper = {"steps": args.steps, "lr": args.lr, "eps": args.eps, "weight_decay": args.weight_decay,
              "batch_size": run.bs, "max_len": args.max_len, "restore": restore, "prefix_cache": args.prefix_cache,
-             "paired_suffix": args.paired_suffix}
+             "paired_suffix": args.paired_suffix, "scoring": args.scoring}
     if kind == "sparse-mezo":
         hyper["sparsity"] = args.sparsity
     if diverged_at is not None:
@@ -494,7 +499,7 @@ def _train_fo(run: _Run) -> dict:
     hyper = {"optimizer": "adamw", "steps": args.steps, "epochs": args.epochs, "lr": args.lr,
              "weight_decay": args.weight_decay, "betas": list(opt.defaults["betas"]), "adam_eps": opt.defaults["eps"],
              "max_grad_norm": args.max_grad_norm, "schedule": "constant", "batch_size": run.bs,
-             "max_len": args.max_len, "prefix_cache": args.prefix_cache, "amp": args.amp,
+             "max_len": args.max_len, "prefix_cache": args.prefix_cache, "amp": args.amp, "scoring": args.scoring,
              "weights_dtype": str(run.dtype).replace("torch.", "")}
     result = run.finish([header, *records], best, dev_curve, start, step_times, hyper, timing, train_peak,
                         run.n_params)
@@ -573,6 +578,10 @@ def parse_args(argv=None):
                     help="single-layer ZO methods with a prefix cache: run the two perturbed outputs of the "
                          "tuned layer through the layers after it as one double batch (auto: on CUDA, "
                          "where the bigger batch is faster; off on CPU, where it is not)")
+    ap.add_argument("--scoring", default="per-sequence", choices=["per-sequence", "shared-prompt"],
+                    help="objective 'candidates': one sequence per candidate, or (shared-prompt) one sequence per "
+                         "example whose candidates differ only in their last token, each read at the sequence's "
+                         "last position: the same loss up to float rounding, half the tokens for two candidates")
     ap.add_argument("--sparsity", type=float, default=0.75,
                     help="sparse-mezo: the fraction of each tensor left frozen; the rest, the smallest |w| of the "
                          "base model, is perturbed and updated")

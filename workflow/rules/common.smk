@@ -314,6 +314,9 @@ def train_args(wildcards):
         args += f" --sparsity {hyper['sparsity']}"
     if family != "fo" and t.get("restore", "auto") != "auto":  # the default adds nothing: earlier runs stay valid
         args += f" --restore {t['restore']}"
+    scoring = config["tasks"][wildcards.task].get("candidate_scoring") or t.get("candidate_scoring", "per-sequence")
+    if scoring != "per-sequence":  # likewise
+        args += f" --scoring {scoring}"
     if family in ("layer", "layer-lora") or FO_LAYER.match(base_method(wildcards.method)):
         args += f" --prefix-cache {t.get('prefix_cache', 'auto')}"
         if t.get("paired_suffix", "auto") != "auto" and family in ("layer", "layer-lora"):  # ZO only; the
