@@ -391,6 +391,26 @@ def test_study_config_plans_the_study(workdir):
                                   "evaluate_zero_shot": 2, "evaluate_calibrated": 2, "tables": 1, "all": 1}
 
 
+def test_study_config_rte_line_plans_the_third_task_with_shared_prompt_scoring(workdir):
+    """The study config's commented RTE line is valid: uncommented, it adds RTE's headline (18 training runs,
+    five grids, 13 evaluations and the two baselines), every RTE training command with shared-prompt
+    scoring and no COPA or SST-2 command changed."""
+    text = (workdir / "workflow/configs/smollm2-study.yaml").read_text()
+    line = next(x for x in text.splitlines() if x.lstrip().startswith("# rte:"))
+    path = workdir / "study-rte.yaml"
+    path.write_text(text.replace(line, line.replace("# rte:", "rte:", 1).split("}")[0] + "}"))
+    base = snakemake(workdir, "-n", "--forceall", "-p", "--configfile", "workflow/configs/smollm2-study.yaml")
+    rte = snakemake(workdir, "-n", "--forceall", "-p", "--configfile", str(path))
+    before, after = planned_jobs(base), planned_jobs(rte)
+    assert {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)} == {
+        "prepare_data": 1, "zo_train": 18, "select_hyper": 5, "evaluate": 13, "evaluate_zero_shot": 1,
+        "evaluate_calibrated": 1}
+    runs = lambda proc: [x for x in proc.stdout.splitlines() if "python -m dlzo.train" in x]  # noqa: E731
+    assert sum("--task rte " in x for x in runs(rte)) == 18
+    assert all(("--scoring shared-prompt" in x) == ("--task rte " in x) for x in runs(rte))
+    assert sorted(x for x in runs(rte) if "--task rte " not in x) == sorted(runs(base))
+
+
 def test_sweep_tasks_limits_the_sweep_to_its_tasks(workdir):
     """`sweep_tasks: [sst2]`: squad loses its two sweep layers (each a two-point lr grid: 2 training runs and a
     selection) and their evaluations, nothing else."""
