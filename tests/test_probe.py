@@ -431,6 +431,32 @@ def test_gradient_norms_equal_autograd_and_leave_the_model_as_it_was(tiny, sst2_
     assert r["other_params_rms_norm"] > 0 and len(r["losses"]) == 2
 
 
+def test_probes_on_shared_prompt_batches_measure_what_per_candidate_batches_do(tiny, sst2_data, tmp_path):
+    """--scoring shared-prompt (as the task's training runs): half the sequences, the same sensitivity
+    draws and gradient norms up to float rounding; the JSON says which scoring it used."""
+    from dlzo.probe import gradient_norms
+
+    rows = [json.loads(x) for x in (sst2_data / "train.jsonl").read_text().splitlines()]
+    data = tmp_path / "one-byte"
+    data.mkdir()  # one-byte candidates: single tokens for the tiny byte tokenizer
+    (data / "train.jsonl").write_text("".join(json.dumps({**r, "candidates": ["-", "+"]}) + "\n" for r in rows))
+    d, model, tok = tiny("llama", 1)
+    per, _ = sensitivity_batches(tok, data, "sst2", 2, 2, 0, 128, CPU)
+    shared, _ = sensitivity_batches(tok, data, "sst2", 2, 2, 0, 128, CPU, share_prompt=True)
+    assert [b.input_ids.shape[0] for b in shared] == [2, 2] and [b.input_ids.shape[0] for b in per] == [4, 4]
+    a = sensitivity(model, per, k=2, eps=1e-3, seed=0)
+    b = sensitivity(model, shared, k=2, eps=1e-3, seed=0)
+    for L, M in zip(a["layers"], b["layers"]):
+        assert [s["g"] for s in M["samples"]] == pytest.approx([s["g"] for s in L["samples"]], rel=1e-3, abs=1e-3)
+    ga, gb = gradient_norms(model, per), gradient_norms(model, shared)
+    assert [L["rms_norm"] for L in gb["layers"]] == pytest.approx([L["rms_norm"] for L in ga["layers"]], rel=1e-4)
+    out = tmp_path / "sens.json"
+    assert main(["sensitivity", "--model", str(d), "--data", str(data), "--task", "sst2", "--out", str(out),
+                 "--k", "1", "--batches", "1", "--batch-size", "2", "--layers", "2", "--scoring", "shared-prompt",
+                 "--threads", "1"]) == 0
+    assert json.loads(out.read_text())["scoring"] == "shared-prompt"
+
+
 def test_gradnorm_cli_writes_json_and_the_three_predictor_figure(tiny, sst2_data, tmp_path):
     d, _, _ = tiny("llama", 1)
     probe_json, sens_json = tmp_path / "probe.json", tmp_path / "sensitivity.json"

@@ -424,12 +424,12 @@ def test_sweep_tasks_limits_the_sweep_to_its_tasks(workdir):
 
 
 def test_candidate_scoring_reaches_only_its_tasks_training(workdir):
-    """train.candidate_scoring, overridden per task: `--scoring` is in a training command only where it is
-    not the default, so configs without the key plan the commands (and params) they always did."""
+    """train.candidate_scoring, overridden per task: `--scoring` is in a training (or probe) command only where
+    it is not the default, so configs without the key plan the commands (and params) they always did."""
     def commands(path=None):
         extra = ("--configfile", str(path)) if path else ("--configfile", "workflow/configs/tiny.yaml")
         out = snakemake(workdir, "-n", "--forceall", "-p", *extra).stdout
-        runs = [line for line in out.splitlines() if "python -m dlzo.train" in line]
+        runs = [line for line in out.splitlines() if "python -m dlzo.train" in line or "python -m dlzo.probe " in line]
         assert runs
         return {task: [r for r in runs if f"--task {task} " in r] for task in ("sst2", "squad")}
 
@@ -438,6 +438,8 @@ def test_candidate_scoring_reaches_only_its_tasks_training(workdir):
     one = commands(_edit(workdir, "scoring-sst2", lambda c: c["tasks"]["sst2"].update(candidate_scoring="shared-prompt")))
     assert all("--scoring shared-prompt" in r for r in one["sst2"]) and not any("--scoring" in r for r in one["squad"])
     assert len(one["sst2"]) == len(plain["sst2"])
+    # the probes that read sst2's training batches (the sensitivity profile and the gradient norms) too
+    assert sum(" dlzo.probe sensitivity " in r or " dlzo.probe gradnorm " in r for r in one["sst2"]) == 2
 
     def both(c):
         c["train"]["candidate_scoring"] = "shared-prompt"

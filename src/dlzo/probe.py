@@ -405,8 +405,9 @@ def sensitivity(model, batches: list, k: int = 8, eps: float = 1e-3, seed: int =
 
 
 def sensitivity_batches(tokenizer, data, task: str, n_batches: int, batch_size: int, seed: int,
-                        max_len: int, device) -> tuple[list, list[list]]:
-    """The batches a ``dlzo.train`` run with ``seed`` sees at steps 0..n_batches-1 of ``data``'s train split."""
+                        max_len: int, device, share_prompt: bool = False) -> tuple[list, list[list]]:
+    """The batches a ``dlzo.train`` run with ``seed`` sees at steps 0..n_batches-1 of ``data``'s train split
+    (``share_prompt``: as ``train --scoring shared-prompt`` builds them)."""
     from dlzo.objectives import make_batch
     from dlzo.tasks import get_task
     from dlzo.train import batch_indices
@@ -424,7 +425,7 @@ def sensitivity_batches(tokenizer, data, task: str, n_batches: int, batch_size: 
     objective = get_task(task).objective
     bs = min(batch_size, len(rows))
     idx = [batch_indices(len(rows), bs, seed, step).tolist() for step in range(n_batches)]
-    return [make_batch(tokenizer, [rows[i] for i in ix], objective, device, max_len) for ix in idx], \
+    return [make_batch(tokenizer, [rows[i] for i in ix], objective, device, max_len, share_prompt) for ix in idx], \
         [[rows[i].get("id", i) for i in ix] for ix in idx]
 
 
@@ -492,6 +493,8 @@ def _training_batch_args(ap, what: str) -> None:
     ap.add_argument("--data", required=True, help="prepared task folder (its train.jsonl) or a train.jsonl")
     ap.add_argument("--task", required=True, help="task name (decides the objective)")
     ap.add_argument("--out", required=True, help=f"{what} to write")
+    ap.add_argument("--scoring", default="per-sequence", choices=["per-sequence", "shared-prompt"],
+                    help="how candidates are scored, as dlzo.train --scoring (the same loss)")
 
 
 def sensitivity_main(argv: list[str] | None = None) -> int:
@@ -525,11 +528,11 @@ def sensitivity_main(argv: list[str] | None = None) -> int:
     model = load_model(args.model, device, dtype)
     tokenizer = load_tokenizer(args.model)
     batches, ids = sensitivity_batches(tokenizer, args.data, args.task, args.batches, args.batch_size, args.seed,
-                                       args.max_len, device)
+                                       args.max_len, device, args.scoring == "shared-prompt")
     result = sensitivity(model, batches, args.k, args.eps, args.seed, args.layers, args.prefix_cache == "batch")
     name = Path(args.model).name
     result.update(model=str(args.model), task=args.task, data=str(args.data), objective=batches[0].objective,
-                  batch_size=len(ids[0]), batch_ids=ids, max_len=args.max_len, probe=args.probe,
+                  scoring=args.scoring, batch_size=len(ids[0]), batch_ids=ids, max_len=args.max_len, probe=args.probe,
                   probe_layer=probe_layer, provenance=provenance(device, dtype, started))
     by_std = sorted(result["layers"], key=lambda L: -L["g"]["std"])
     result["probe_layer_rank"] = next((r for r, L in enumerate(by_std, 1) if L["index"] == probe_layer), None)
@@ -635,13 +638,14 @@ def gradnorm_main(argv: list[str] | None = None) -> int:
     model = load_model(args.model, device, dtype)
     tokenizer = load_tokenizer(args.model)
     batches, ids = sensitivity_batches(tokenizer, args.data, args.task, args.batches, args.batch_size, args.seed,
-                                       args.max_len, device)
+                                       args.max_len, device, args.scoring == "shared-prompt")
     inference_mb = measure_inference(model, batches[0], device)  # first: CPU peak RSS only grows
     result = gradient_norms(model, batches)
     probe_layer = read_json(args.probe, "probe file").get("first_outlier_layer") if args.probe else None
     by_norm = sorted(result["layers"], key=lambda L: -L["rms_norm"])
     result.update(model=str(args.model), task=args.task, data=str(args.data), objective=batches[0].objective,
-                  batch_size=len(ids[0]), batch_ids=ids, max_len=args.max_len, seed=args.seed, probe=args.probe,
+                  scoring=args.scoring, batch_size=len(ids[0]), batch_ids=ids, max_len=args.max_len, seed=args.seed,
+                  probe=args.probe,
                   probe_layer=probe_layer,
                   probe_layer_rank=next((r for r, L in enumerate(by_norm, 1) if L["index"] == probe_layer), None),
                   peak_memory_mb=peak_memory_mb(device), inference_peak_mb=inference_mb,

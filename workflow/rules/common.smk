@@ -283,6 +283,13 @@ def runtime_args():
     return args
 
 
+def scoring_args(task):
+    """` --scoring <how>` for a task whose candidate scoring (its own, else train.candidate_scoring) is not the
+    default; nothing otherwise, so runs made before the key existed keep their commands."""
+    how = config["tasks"][task].get("candidate_scoring") or config["train"].get("candidate_scoring", "per-sequence")
+    return f" --scoring {how}" if how != "per-sequence" else ""
+
+
 def train_args(wildcards):
     t = config["train"]
     family = method_family(wildcards.method)
@@ -314,9 +321,7 @@ def train_args(wildcards):
         args += f" --sparsity {hyper['sparsity']}"
     if family != "fo" and t.get("restore", "auto") != "auto":  # the default adds nothing: earlier runs stay valid
         args += f" --restore {t['restore']}"
-    scoring = config["tasks"][wildcards.task].get("candidate_scoring") or t.get("candidate_scoring", "per-sequence")
-    if scoring != "per-sequence":  # likewise
-        args += f" --scoring {scoring}"
+    args += scoring_args(wildcards.task)
     if family in ("layer", "layer-lora") or FO_LAYER.match(base_method(wildcards.method)):
         args += f" --prefix-cache {t.get('prefix_cache', 'auto')}"
         if t.get("paired_suffix", "auto") != "auto" and family in ("layer", "layer-lora"):  # ZO only; the

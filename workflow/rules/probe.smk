@@ -43,7 +43,8 @@ rule probe_sensitivity:
     params:
         task=lambda w: sensitivity_task(),
         args=lambda w: " ".join(f"--{k.replace('_', '-')} {config['probe']['sensitivity'][k]}"
-                                for k in ("k", "batches", "batch_size", "eps", "max_len", "seed")),
+                                for k in ("k", "batches", "batch_size", "eps", "max_len", "seed"))
+        + scoring_args(sensitivity_task()),
         runtime=runtime_args(),
     log:
         f"{RESULTS}/logs/probe_sensitivity/{{model}}.log",
@@ -79,7 +80,8 @@ rule probe_gradnorm:
     params:
         task=lambda w: gradnorm_task(),
         args=lambda w: " ".join(f"--{k.replace('_', '-')} {config['probe']['gradnorm'][k]}"
-                                for k in ("batches", "batch_size", "max_len", "seed")),
+                                for k in ("batches", "batch_size", "max_len", "seed"))
+        + scoring_args(gradnorm_task()),
         runtime=runtime_args(),
     log:
         f"{RESULTS}/logs/probe_gradnorm/{{model}}.log",
