@@ -36,9 +36,9 @@ under bf16 autocast, as dlzo.train runs them.
 
 The training loss of a task scored by candidates, on its real training batches (as a run with seed 0
 draws them), one sequence per candidate against ``train --scoring shared-prompt`` (one sequence per
-example whose candidates differ only in their last token): per mode the tokens per batch and the median seconds of a
-ZO step's two forward passes, taken alternately on the same batches; ``speedup`` and the largest
-difference of the two modes' losses (float rounding only).
+example whose candidates differ only in their last token): per mode the tokens per batch and the
+median seconds of a ZO step's two forward passes, taken alternately on the same batches; ``speedup``
+and the largest difference of the two modes' losses (float rounding only).
 """
 from __future__ import annotations
 
