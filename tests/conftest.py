@@ -35,6 +35,20 @@ def sst2_data(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def sst2_one_byte_data(sst2_data, tmp_path_factory):
+    """sst2_data with the candidates "-" and "+": single tokens for the tiny model's byte tokenizer, so that
+    shared-prompt scoring (one sequence per example) applies."""
+    import json
+
+    out = tmp_path_factory.mktemp("data") / "sst2-one-byte"
+    out.mkdir()
+    for split in ("train", "dev"):
+        rows = [json.loads(x) for x in (sst2_data / f"{split}.jsonl").read_text().splitlines()]
+        (out / f"{split}.jsonl").write_text("".join(json.dumps({**r, "candidates": ["-", "+"]}) + "\n" for r in rows))
+    return out
+
+
+@pytest.fixture(scope="session")
 def squad_data(tmp_path_factory):
     from dlzo.data import prepare
 

@@ -78,13 +78,10 @@ def test_memory_modes_report_what_they_tune(tiny_model):
     assert out["fo_full"]["weights_dtype"] == "float32" and out["fo_full"]["amp"] == "off"
 
 
-def test_scoring_mode_times_both_scorings_on_real_batches(tmp_path, tiny_model, sst2_data, squad_data):
+def test_scoring_mode_times_both_scorings_on_real_batches(tmp_path, tiny_model, sst2_one_byte_data, squad_data):
     """--scoring: the task's training batches scored per candidate and with a shared prompt; one-byte
     candidates (single tokens for the tiny byte tokenizer) halve the sequences, the losses agree."""
-    rows = [json.loads(x) for x in (sst2_data / "train.jsonl").read_text().splitlines()]
-    data = tmp_path / "sst2"
-    data.mkdir()
-    (data / "train.jsonl").write_text("".join(json.dumps({**r, "candidates": ["-", "+"]}) + "\n" for r in rows))
+    data = sst2_one_byte_data
     out = tmp_path / "scoring.json"
     assert bench.main(["--scoring", "--model", str(tiny_model), "--data", str(data), "--task", "sst2",
                        "--batch-size", "4", "--steps", "2", "--threads", "1", "--out", str(out)]) == 0

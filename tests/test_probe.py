@@ -431,15 +431,12 @@ def test_gradient_norms_equal_autograd_and_leave_the_model_as_it_was(tiny, sst2_
     assert r["other_params_rms_norm"] > 0 and len(r["losses"]) == 2
 
 
-def test_probes_on_shared_prompt_batches_measure_what_per_candidate_batches_do(tiny, sst2_data, tmp_path):
+def test_probes_on_shared_prompt_batches_measure_what_per_candidate_batches_do(tiny, sst2_one_byte_data, tmp_path):
     """--scoring shared-prompt (as the task's training runs): half the sequences, the same sensitivity
     draws and gradient norms up to float rounding; the JSON says which scoring it used."""
     from dlzo.probe import gradient_norms
 
-    rows = [json.loads(x) for x in (sst2_data / "train.jsonl").read_text().splitlines()]
-    data = tmp_path / "one-byte"
-    data.mkdir()  # one-byte candidates: single tokens for the tiny byte tokenizer
-    (data / "train.jsonl").write_text("".join(json.dumps({**r, "candidates": ["-", "+"]}) + "\n" for r in rows))
+    data = sst2_one_byte_data
     d, model, tok = tiny("llama", 1)
     per, _ = sensitivity_batches(tok, data, "sst2", 2, 2, 0, 128, CPU)
     shared, _ = sensitivity_batches(tok, data, "sst2", 2, 2, 0, 128, CPU, share_prompt=True)

@@ -186,15 +186,11 @@ def test_paired_suffix_matches_two_passes(tmp_path, tiny_model, sst2_data, metho
 
 
 @pytest.mark.parametrize("method", ["mezo-full", "layer-1", "fo-adamw"])
-def test_shared_prompt_scoring_trains_as_per_sequence(tmp_path, tiny_model, sst2_data, method):
+def test_shared_prompt_scoring_trains_as_per_sequence(tmp_path, tiny_model, sst2_one_byte_data, method):
     """--scoring shared-prompt (candidates read from one pass of the prompt): the same losses,
     projected gradients and tuned weights as one sequence per candidate, with the prefix cache too; the
     option is in the run's config hash only when set, so runs made before it existed still resume."""
-    data = tmp_path / "data"
-    data.mkdir()
-    for split in ("train", "dev"):  # one-byte candidates: single tokens for the tiny model's byte tokenizer
-        rows = [json.loads(x) for x in (sst2_data / f"{split}.jsonl").read_text().splitlines()]
-        (data / f"{split}.jsonl").write_text("".join(json.dumps({**r, "candidates": ["-", "+"]}) + "\n" for r in rows))
+    data = sst2_one_byte_data
     rows = [json.loads(x) for x in (data / "train.jsonl").read_text().splitlines()]
     shared = make_batch(load_tokenizer(tiny_model), rows, "candidates", torch.device("cpu"), share_prompt=True)
     assert shared.input_ids.shape[0] == len(rows)  # one sequence per example, not two: the path is taken
