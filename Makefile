@@ -9,7 +9,7 @@ CORES  ?= 2
 SNAKEMAKE := $(BIN)/snakemake --workflow-profile none --cores $(CORES)
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup demo report reference study study-reference tiny test test-fast lint dag paper-dry-run
+.PHONY: setup demo report reference study study-reference study-sst2-sweep study-sst2-sweep-reference tiny test test-fast lint dag paper-dry-run
 
 setup: $(STAMP)
 
@@ -67,6 +67,24 @@ study-reference: study
 	for t in $$($(BIN)/python -c "import yaml; print(*yaml.safe_load(open('$(STUDY_CONFIG)'))['tasks'])"); do \
 	   f=results/study/eval/smollm2-135m/$$t/calibrated-zero-shot.json; \
 	   if [ -f $$f ]; then cp $$f $(STUDY_REF)/calibrated-zero-shot-$$t.json; fi; done   # none for SQuAD/DROP
+
+# the study's SST-2 sweep ($(SWEEP_CONFIG)): 13 single-layer runs and the predictors on SST-2, about 2 wall-hours
+SWEEP_CONFIG := workflow/configs/smollm2-study-sst2-sweep.yaml
+study-sst2-sweep: setup
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(SNAKEMAKE) --configfile $(SWEEP_CONFIG)
+	@cat results/study-sst2-sweep/tables/layer_ranking.md
+
+# its committed copy, beside the main study's (the probe is the main study's: same model, same settings)
+study-sst2-sweep-reference: study-sst2-sweep
+	mkdir -p $(STUDY_REF)/sst2-sweep
+	cp results/study-sst2-sweep/tables/accuracy.md results/study-sst2-sweep/tables/accuracy.csv \
+	   results/study-sst2-sweep/tables/speedup.md results/study-sst2-sweep/tables/speedup.csv \
+	   results/study-sst2-sweep/tables/layer_ranking.md results/study-sst2-sweep/tables/layer_ranking.csv \
+	   results/study-sst2-sweep/tables/layer_correlations.csv results/study-sst2-sweep/tables/layer_sweep.png \
+	   results/study-sst2-sweep/tables/loss_curves.png results/study-sst2-sweep/tables/layer_predictors_smollm2-135m.png \
+	   results/study-sst2-sweep/probe/smollm2-135m/sensitivity.json \
+	   results/study-sst2-sweep/probe/smollm2-135m/sensitivity_profile.png \
+	   results/study-sst2-sweep/probe/smollm2-135m/gradnorm.json $(STUDY_REF)/sst2-sweep/
 
 tiny: setup
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(SNAKEMAKE) --configfile workflow/configs/tiny.yaml

@@ -411,6 +411,38 @@ def test_study_config_rte_line_plans_the_third_task_with_shared_prompt_scoring(w
     assert sorted(x for x in runs(rte) if "--task rte " not in x) == sorted(runs(base))
 
 
+def test_study_sst2_sweep_config_plans_the_sweep_the_main_study_would_run(workdir):
+    """The study's SST-2 sweep (smollm2-study-sst2-sweep.yaml) plans 13 single-layer runs and the predictors on
+    SST-2, and its layer-11 run is the main study's SST-2 dominant lr-1e-4 seed-0 run: the same command but for
+    the results folder, the method's name, shared-prompt scoring, the grid's non-finite guard and the probe that
+    names dominant's layer."""
+    sweep_cfg = "workflow/configs/smollm2-study-sst2-sweep.yaml"
+    cfg = yaml.safe_load((workdir / sweep_cfg).read_text())
+    proc = snakemake(workdir, "-n", "--forceall", "-p", "--configfile", sweep_cfg)
+    assert planned_jobs(proc) == {"download_model": 1, "prepare_data": 1, "probe_outliers": 1,
+                                  "probe_sensitivity": 1, "probe_gradnorm": 1, "zo_train": 13, "evaluate": 13,
+                                  "evaluate_zero_shot": 1, "evaluate_calibrated": 1, "tables": 1, "all": 1}
+    lines = proc.stdout.splitlines()
+    runs = [x for x in lines if "python -m dlzo.train" in x]
+    assert sorted(int(re.search(r"--method layer-(\d+) ", x).group(1)) for x in runs) == cfg["sweep_layers"]
+    assert all("--scoring shared-prompt" in x and "--lr 0.0001 --eps 0.001" in x for x in runs)
+    probes = [x for x in lines if "python -m dlzo.probe sensitivity" in x or "python -m dlzo.probe gradnorm" in x]
+    assert len(probes) == 2 and all("--task sst2 " in x and "--scoring shared-prompt" in x for x in probes)
+
+    main = snakemake(workdir, "-n", "--forceall", "-p", "--configfile", "workflow/configs/smollm2-study.yaml")
+    dominant = next(x for x in main.stdout.splitlines() if "python -m dlzo.train" in x and "--task sst2 " in x
+                    and "--method dominant " in x and "dominant@lr0.0001_eps0.001/seed0/" in x)
+    layer11 = next(x for x in runs if "--method layer-11 " in x)
+    def same(cmd):
+        cmd = re.sub(r"results/study(-sst2-sweep)?/", "RES/", cmd)
+        cmd = re.sub(r"(dominant@lr0.0001_eps0.001|layer-11)\b", "METHOD", cmd).replace("--method dominant ", "--method METHOD ")
+        for extra in (" --scoring shared-prompt", " --on-nonfinite stop", " --probe RES/probe/smollm2-135m/probe.json",
+                      " --prefix-cache auto"):  # dominant reads its layer from the probe; auto is the default
+            cmd = cmd.replace(extra, "")
+        return re.sub(r"\s+", " ", cmd)
+    assert same(layer11) == same(dominant)
+
+
 def test_sweep_tasks_limits_the_sweep_to_its_tasks(workdir):
     """`sweep_tasks: [sst2]`: squad loses its two sweep layers (each a two-point lr grid: 2 training runs and a
     selection) and their evaluations, nothing else."""
