@@ -290,7 +290,8 @@ def scoring_bench(model_dir: str, data: str, task: str, batch_size: int, max_len
     from dlzo.objectives import loss, make_batch
     from dlzo.runtime import pick_device, set_threads
     from dlzo.tasks import get_task
-    from dlzo.train import batch_indices, weights_dtype
+    from dlzo.objectives import batch_indices
+    from dlzo.train import weights_dtype
 
     set_threads(threads)
     dev = pick_device(device)

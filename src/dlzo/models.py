@@ -1,25 +1,18 @@
 """Loading models, finding their decoder layers, and choosing which parameters a method tunes."""
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from dlzo import DLZOError
+from dlzo.methods import KINDS
 
 # Where the decoder layers live, for the families we know by name (LLaMA, Qwen2/Qwen3, Mistral and
 # most current decoders use model.layers). Anything else falls back to the generic search below.
 KNOWN_LAYER_PATHS = ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers",
                      "transformer.blocks", "model.model.layers")
-
-METHOD_RE = re.compile(r"^(mezo-full|lora-zo|dominant|dominant-lora|sparse-mezo|fo-adamw|layer-(\d+)|layer-(\d+)-lora"
-                       r"|fo-layer-(\d+))$")
-# kinds that tune every parameter (sparse-mezo perturbs only a magnitude mask of each tensor) and one layer
-FULL_KINDS = ("mezo-full", "sparse-mezo", "fo-full")
-LAYER_KINDS = ("layer", "fo-layer")
-
 
 def _get_attr_path(obj, path: str):
     for part in path.split("."):
@@ -81,24 +74,6 @@ def load_model(model_dir: str | Path, device: torch.device, dtype: torch.dtype) 
     return model
 
 
-def parse_method(method: str) -> tuple[str, int | None]:
-    """``layer-3`` -> ("layer", 3); ``layer-3-lora`` -> ("layer-lora", 3); ``fo-layer-3`` -> ("fo-layer", 3);
-    ``fo-adamw`` -> ("fo-full", None); others -> (name, None)."""
-    m = METHOD_RE.match(method)
-    if not m:
-        raise DLZOError(f"unknown method {method!r}: expected mezo-full, lora-zo, dominant, dominant-lora, "
-                        f"sparse-mezo, fo-adamw, layer-<i>, layer-<i>-lora or fo-layer-<i>")
-    if m.group(2) is not None:
-        return "layer", int(m.group(2))
-    if m.group(3) is not None:
-        return "layer-lora", int(m.group(3))
-    if m.group(4) is not None:
-        return "fo-layer", int(m.group(4))
-    if method == "fo-adamw":
-        return "fo-full", None
-    return method, None
-
-
 def check_layer(layer: int, model: nn.Module, where: str) -> None:
     n = num_layers(model)
     if not 0 <= layer < n:
@@ -120,16 +95,17 @@ def add_lora(model: nn.Module, layer: int | None, r: int, alpha: int, targets: l
 
 def tuned_parameters(model: nn.Module, kind: str, layer: int | None) -> list[tuple[str, nn.Parameter]]:
     """(name, parameter) pairs a method tunes, in a fixed order (the order z is drawn in)."""
-    if kind in ("lora-zo", "layer-lora"):
+    spec = KINDS.get(kind)
+    if spec is None:
+        raise DLZOError(f"no parameter set for method kind {kind!r}")
+    if spec.lora:  # the adapters peft added (in every layer, or in one)
         params = [(n, p) for n, p in model.named_parameters() if "lora_" in n]
-    elif kind in FULL_KINDS:
-        params = list(model.named_parameters())
-    elif kind in LAYER_KINDS:
+    elif spec.layer:
         block = decoder_layers(model)[layer]
         prefix = next(n for n, m in model.named_modules() if m is block)
         params = [(f"{prefix}.{n}", p) for n, p in block.named_parameters()]
-    else:
-        raise DLZOError(f"no parameter set for method kind {kind!r}")
+    else:  # every parameter (sparse-mezo perturbs a magnitude mask of each tensor)
+        params = list(model.named_parameters())
     if not params:
         raise DLZOError(f"method kind {kind!r} selected no parameters in {type(model).__name__}")
     # tied weights appear once in named_parameters(); keep that

@@ -18,11 +18,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import contextlib
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from dlzo import DLZOError
 from dlzo.tasks import gold_continuation
+
+
+def batch_indices(n: int, batch_size: int, seed: int, step: int) -> np.ndarray:
+    """Examples of ``step``: epochs of seeded permutations, a pure function of (seed, step)."""
+    per_epoch = max(1, n // batch_size)
+    epoch, k = divmod(step, per_epoch)
+    perm = np.random.default_rng([seed, epoch]).permutation(n)
+    return perm[k * batch_size:(k + 1) * batch_size]
 
 
 @dataclass
@@ -313,3 +324,19 @@ def _doubled(value, n: int):
     if torch.is_tensor(value) and value.ndim and value.shape[0] == n and n > 1:
         return torch.cat([value, value])
     return value
+
+
+def measure_inference(model, batch, device, amp=contextlib.nullcontext) -> float:
+    """Peak memory (MB) of a no-grad forward of ``batch``: GPU peak allocation (the peak is reset after it), or on
+    CPU the process's peak RSS so far (it only grows: measure before anything of training exists)."""
+    from dlzo.runtime import peak_memory_mb
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    with torch.no_grad(), amp():
+        loss(model, batch)
+    peak = peak_memory_mb(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    return peak

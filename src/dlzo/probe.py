@@ -232,29 +232,6 @@ def probe(model, tokenizer, texts: list[str], abs_threshold: float = 100.0, rati
     return out
 
 
-def resolve_dominant_layer(probe_json_path, pinned: int | None, model_name: str) -> tuple[int, str]:
-    """(layer, "pinned") when the config pins one, else (the probe's first outlier layer, "probe")."""
-    if pinned is not None:
-        if isinstance(pinned, bool) or not isinstance(pinned, int) or pinned < 0:
-            raise DLZOError(f"config key dominant_layer: {model_name}: expected a 0-based layer index, got {pinned!r}")
-        if probe_json_path is not None and Path(probe_json_path).exists():
-            n = read_json(probe_json_path, "probe file")["num_layers"]
-            if pinned >= n:
-                raise DLZOError(f"config key dominant_layer: {model_name}: {pinned} is past the model's depth "
-                                f"({n} decoder layers, indices 0..{n - 1})")
-        return pinned, "pinned"
-    result = read_json(probe_json_path, "probe file")
-    if result.get("first_outlier_layer") is not None:
-        return int(result["first_outlier_layer"]), "probe"
-    t = result.get("thresholds", {})
-    raise DLZOError(
-        f"the probe ({probe_json_path}) found no activation-outlier layer in {model_name} at thresholds "
-        f"|h| > {t.get('abs')} and > {t.get('ratio')}x the median, so methods 'dominant' and "
-        f"'dominant-lora' have no layer. Pin one in the config with the key `dominant_layer`, a mapping "
-        f"from model name to 0-based layer index, e.g.\n  dominant_layer:\n    {model_name}: 3\n"
-        f"(the per-layer table in {probe_json_path} shows max|h|, median|h| and their ratio per layer)")
-
-
 def plot_profile(probe_dict: dict, png_path, title: str | None = None) -> None:
     """Per-layer max|h| and median|h| (log scale), thresholds, and the picked layer; PNG, atomic."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -410,7 +387,7 @@ def sensitivity_batches(tokenizer, data, task: str, n_batches: int, batch_size: 
     (``share_prompt``: as ``train --scoring shared-prompt`` builds them)."""
     from dlzo.objectives import make_batch
     from dlzo.tasks import get_task
-    from dlzo.train import batch_indices
+    from dlzo.objectives import batch_indices
 
     path = Path(data)
     path = path / "train.jsonl" if path.is_dir() else path
@@ -613,7 +590,7 @@ def gradient_norms(model, batches: list) -> dict:
 def gradnorm_main(argv: list[str] | None = None) -> int:
     from dlzo.models import load_model, load_tokenizer
     from dlzo.runtime import add_runtime_args, peak_memory_mb, provenance, setup_runtime
-    from dlzo.train import measure_inference
+    from dlzo.objectives import measure_inference
 
     ap = argparse.ArgumentParser(
         prog="python -m dlzo.probe gradnorm",

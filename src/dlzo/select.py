@@ -52,19 +52,19 @@ def select(paths: list[str]) -> dict:
             "grid": points, "chosen": points[best]}
 
 
-def chosen_args(selection_path) -> str:
-    """The chosen point as dlzo.train arguments ('--lr 0.001 --eps 0.001'): the other seeds train at it."""
-    c = read_json(selection_path, "hyperparameter selection")["chosen"]
-    return f"--lr {c['lr']!r}" + (f" --eps {c['eps']!r}" if c.get("eps") is not None else "")
-
-
-def chosen_run(selection_path) -> str:
-    """The chosen point's run folder (it stands for the method's first seed)."""
+def chosen_point(selection_path) -> dict:
+    """The chosen grid point of a selection file: {"lr": float, "eps": float or None, "run": its run folder}.
+    The method's other seeds train at this lr and eps (``dlzo.train --selection``); the run folder stands for
+    the method's first seed (``dlzo.evaluate --selection``)."""
     sel = read_json(selection_path, "hyperparameter selection")
-    folder = Path(sel["chosen"]["log"]).parent
+    chosen = sel.get("chosen") or {}
+    if not isinstance(chosen.get("lr"), (int, float)) or not chosen.get("log"):
+        raise DLZOError(f"{selection_path}: no chosen point with an lr and a log (rerun select_hyper)")
+    folder = Path(chosen["log"]).parent
     if not (folder / "log.json").exists():
         raise DLZOError(f"{selection_path}: the chosen run {folder} has no log.json (rerun select_hyper)")
-    return str(folder)
+    eps = chosen.get("eps")
+    return {"lr": float(chosen["lr"]), "eps": float(eps) if eps is not None else None, "run": str(folder)}
 
 
 def main(argv=None) -> int:

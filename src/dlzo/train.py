@@ -44,8 +44,9 @@ from tqdm import tqdm
 
 from dlzo import DLZOError
 from dlzo.io import atomic_path, read_json, read_jsonl, write_json
-from dlzo.models import add_lora, check_layer, load_model, load_tokenizer, parse_method, tuned_parameters
-from dlzo.objectives import FrozenPrefix, make_batch, paired_loss
+from dlzo.methods import parse_method, resolve_layer
+from dlzo.models import add_lora, check_layer, load_model, load_tokenizer, tuned_parameters
+from dlzo.objectives import FrozenPrefix, batch_indices, make_batch, measure_inference, paired_loss
 from dlzo.objectives import loss as objective_loss
 from dlzo.runtime import add_runtime_args, peak_memory_mb, pick_device, pick_dtype, provenance, set_threads
 from dlzo.zo import NonFiniteLoss, ZOSGD, param_groups
@@ -55,25 +56,11 @@ FO_KINDS = ("fo-full", "fo-layer")
 SINGLE_LAYER_KINDS = ("layer", "layer-lora", "fo-layer")
 
 
-def batch_indices(n: int, batch_size: int, seed: int, step: int) -> np.ndarray:
-    """Examples of ``step``: epochs of seeded permutations, a pure function of (seed, step)."""
-    per_epoch = max(1, n // batch_size)
-    epoch, k = divmod(step, per_epoch)
-    perm = np.random.default_rng([seed, epoch]).permutation(n)
-    return perm[k * batch_size:(k + 1) * batch_size]
-
-
 def resolve_method(method: str, probe_path: str | None, pinned: int | None, model_name: str):
-    """(kind, layer, how): kind in mezo-full, lora-zo, layer, layer-lora."""
-    kind, layer = parse_method(method)
-    if kind in ("dominant", "dominant-lora"):
-        if pinned is None and not probe_path:
-            raise DLZOError(f"method {method} needs the probe's JSON (--probe) or a pinned layer (--layer)")
-        from dlzo.probe import resolve_dominant_layer
-
-        layer, how = resolve_dominant_layer(probe_path, pinned, model_name)
-        return ("layer" if kind == "dominant" else "layer-lora"), layer, how
-    return kind, layer, ("method name" if layer is not None else None)
+    """(kind, layer, how): kind in mezo-full, sparse-mezo, lora-zo, layer, layer-lora, fo-full, fo-layer."""
+    m = parse_method(method)
+    layer, how = resolve_layer(m, probe_path, pinned, model_name)
+    return m.kind, layer, how
 
 
 def weights_dtype(requested: str, device: torch.device, kind: str) -> torch.dtype:
@@ -140,19 +127,6 @@ class _Stop:
 
     def _handle(self, signum, _frame):
         self.signal = signum
-
-
-def measure_inference(model, batch, device, amp=contextlib.nullcontext) -> float:
-    """Peak memory (MB) of a no-grad forward of ``batch``: see the module docstring for what it counts."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    with torch.no_grad(), amp():
-        objective_loss(model, batch)
-    peak = peak_memory_mb(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    return peak
 
 
 def _now(device) -> float:
