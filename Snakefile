@@ -1,5 +1,5 @@
 # dlzo: Dominant-Layer zeroth-order fine-tuning, end to end.
-#   download_model -> prepare_data -> probe_outliers (checkpoint: the dominant layer)
+#   download_model -> prepare_data -> probe_outliers (the dominant layer) -> probe_sensitivity, probe_gradnorm
 #   -> zo_train (mezo-full, lora-zo, layer-<i> sweep, dominant, dominant-lora) -> evaluate (lm-eval)
 #   -> tables (accuracy, speedup and paper tables; layer-sweep and loss figures)
 # Run: snakemake --cores 2 --configfile workflow/configs/demo.yaml   (see README.md)
@@ -43,5 +43,5 @@ localrules:
 rule all:
     input:
         rules.tables.output,
-        sensitivity_outputs(),
+        profile_outputs(),
     default_target: True

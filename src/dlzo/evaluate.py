@@ -344,7 +344,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", required=True, help="base model folder (config.json, weights, tokenizer)")
     p.add_argument("--data", required=True, help="prepared task folder holding test.jsonl (and meta.json)")
     p.add_argument("--task", required=True)
-    p.add_argument("--run", help="training run folder: evaluate the tuned model (dlzo.train.load_tuned_model)")
+    p.add_argument("--run", help="training run folder: evaluate the tuned model (dlzo.models.load_tuned_model)")
+    p.add_argument("--selection", help="instead of --run: a grid's hyper_selection.json, whose chosen point's run "
+                                       "folder is evaluated")
     p.add_argument("--out", required=True, help="result JSON")
     p.add_argument("--tasks-dir", help="folder for the lm-eval task YAML (default: <out without .json>.lm_eval/)")
     p.add_argument("--batch-size", type=int, default=8)
@@ -358,6 +360,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--method", help="recorded in the result only")
     p.add_argument("--seed", type=int, help="recorded in the result only")
     args = p.parse_args(argv)
+    if args.selection and args.run:
+        p.error("--selection names the run itself: give --run or --selection, not both")
 
     from dlzo.models import load_model, load_tokenizer
     from dlzo.runtime import provenance, setup_runtime
@@ -369,6 +373,10 @@ def main(argv: list[str] | None = None) -> int:
     data_dir = Path(args.data)
     if not (data_dir / "test.jsonl").exists():  # fail before the (slow) model load
         raise DLZOError(f"test file {data_dir / 'test.jsonl'} does not exist: run the data rule first")
+    if args.selection:
+        from dlzo.select import chosen_point
+
+        args.run = chosen_point(args.selection)["run"]
     tokenizer = load_tokenizer(args.model)
     if args.run:
         from dlzo.train import load_tuned_model

@@ -7,25 +7,25 @@ run folder is named ``<method>@lr<lr>[_eps<eps>]``. The chosen point is the one 
 ``best_dev_loss`` (the dev loss of its best checkpoint, the same criterion that chooses the checkpoint
 inside a run); ties go to the earlier point in the list. A point whose loss diverged keeps the best
 checkpoint it reached before that (``diverged_at_step``), or none (dev loss +inf). The test split is
-never read. The other seeds then train at the chosen point only.
+never read. The other seeds then train at the chosen point only (``dlzo.train --selection``), and the chosen
+point's run stands for the first seed (``dlzo.evaluate --selection``): both read ``chosen_point``.
 """
 from __future__ import annotations
 
 import argparse
 import math
-import re
 import sys
 from pathlib import Path
 
 from dlzo import DLZOError
 from dlzo.io import read_json, write_json
-
-RUN_RE = re.compile(r"/(?P<method>[^/@]+)(?P<tag>@lr[^/_]+(?:_eps[^/]+)?)/seed(?P<seed>\d+)/log\.json$")
+from dlzo.layout import parse
+from dlzo.methods import is_grid_point
 
 
 def _point(path: str) -> dict:
-    m = RUN_RE.search(Path(path).resolve().as_posix())
-    if not m:
+    m = parse("train_log", Path(path).resolve(), "training log")
+    if not is_grid_point(m["run"]):
         raise DLZOError(f"training log {path}: not a grid run (expected .../<method>@lr<lr>[_eps<eps>]/seed<n>/log.json)")
     log = read_json(path, "training log")
     hyper = log.get("hyper") or {}
@@ -69,12 +69,7 @@ def chosen_point(selection_path) -> dict:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] in (["args"], ["run"]) and len(argv) == 2:  # read by the jobs that need the choice
-        print(chosen_args(argv[1]) if argv[0] == "args" else chosen_run(argv[1]))
-        return 0
-    ap = argparse.ArgumentParser(prog="python -m dlzo.select", description=__doc__.split("\n")[0],
-                                 epilog="python -m dlzo.select args|run <hyper_selection.json>: the chosen point's "
-                                        "dlzo.train arguments, or its run folder")
+    ap = argparse.ArgumentParser(prog="python -m dlzo.select", description=__doc__.split("\n")[0])
     ap.add_argument("--logs", nargs="+", required=True, help="log.json of every grid point")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)

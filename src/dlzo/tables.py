@@ -1,8 +1,9 @@
 """Stage ``tables``: the paper's accuracy and speedup tables, the side-by-side with the paper, figures.
 
-Every number is found by path: ``eval/<model>/<task>/<method>/seed<s>.json`` (a seedless method such
-as zero-shot: ``eval/<model>/<task>/<method>.json``), ``train/<model>/<task>/<method>/seed<s>/log.json``
-and Snakemake's ``benchmarks/zo_train/<model>/<task>/<method>/seed<s>.tsv``. Outputs in ``--out``:
+Every number is found by path (``dlzo.layout`` parses them): ``eval/<model>/<task>/<method>/seed<s>.json`` (a
+frozen-model baseline such as zero-shot: ``eval/<model>/<task>/<method>.json``),
+``train/<model>/<task>/<run>/seed<s>/log.json`` and Snakemake's ``benchmarks/zo_train/<model>/<task>/<run>/seed<s>.tsv``
+(a grid point's run counts only where its selection chose it). Outputs in ``--out``:
   accuracy.{md,csv,tex,html}          paper Tables 1-2: methods x tasks (+ average), mean +- std over
                                       seeds (n shown), one table per model, the lr of every row
   speedup.{md,csv,tex,html}           paper Table 4: per task, s/step split into forward, perturbation
@@ -19,7 +20,6 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
-import html
 import math
 import re
 import sys
@@ -31,44 +31,17 @@ import pandas as pd
 
 from dlzo import DLZOError
 from dlzo.io import atomic_path, read_json, write_json
+from dlzo.layout import parse, parse_eval
+from dlzo.methods import BEST_LAYER, is_sweep, method_key, order_methods, sweep_layer
+from dlzo.render import Table, to_html, to_latex, to_markdown
 from dlzo.runtime import provenance
 
-EVAL_RE = re.compile(r"eval/(?P<model>[^/]+)/(?P<task>[^/]+)/(?:(?P<method>[^/]+)/seed(?P<seed>\d+)|(?P<single>[^/]+))\.json$")
-# a grid point's run folder is <method>@lr<lr>[_eps<eps>]: only the point the selection chose counts as the method
-LOG_RE = re.compile(r"train/(?P<model>[^/]+)/(?P<task>[^/]+)/(?P<method>[^/@]+)(?P<tag>@[^/]+)?/seed(?P<seed>\d+)/log\.json$")
-BENCH_RE = re.compile(r"benchmarks/zo_train/(?P<model>[^/]+)/(?P<task>[^/]+)/(?P<method>[^/@]+)(?P<tag>@[^/]+)?/seed(?P<seed>\d+)\.tsv$")
 KEY = ["model", "task", "method", "seed"]
-BEST = "best layer (dev)"
-SWEEP_RE = re.compile(r"layer-\d+")
-# Row order of every table: the paper's order first; a method named nowhere here falls in at the end,
-# alphabetically, so a new method shows up without a code change. Patterns sort by their layer index.
-METHOD_ORDER = ["zero-shot", "calibrated-zero-shot", "mezo-full", "lora-zo", "sparse-mezo", "dominant",
-                "dominant-lora", BEST, "fo-adamw", r"fo-layer-\d+", r"layer-\d+", r"layer-\d+-lora"]
+BEST = BEST_LAYER
 # A bench's outer wall clock also counts interpreter start-up and imports, which the job's own clock
 # (provenance.wall_s, started inside train()) does not: allow that much, flag anything beyond it.
 STARTUP_SLACK_S, STARTUP_SLACK_FRAC = 30.0, 0.2
 PAPER_COLUMNS = ["source", "model", "task", "method", "metric", "value", "note"]
-
-
-def method_key(method: str) -> tuple:
-    for rank, entry in enumerate(METHOD_ORDER):
-        if "\\d" in entry:  # a pattern: its members sort by their layer index
-            if re.fullmatch(entry, method):
-                return rank, int(re.search(r"\d+", method).group()), method
-        elif method == entry:
-            return rank, 0, method
-    return len(METHOD_ORDER), 0, method
-
-
-def order_methods(methods) -> list[str]:
-    return sorted(set(methods), key=method_key)
-
-
-def _match(regex, path: str, what: str) -> dict:
-    m = regex.search(Path(path).as_posix())
-    if not m:
-        raise DLZOError(f"{what} {path}: the path does not follow the results layout ({regex.pattern})")
-    return m.groupdict()
 
 
 def _num(x) -> float:
@@ -80,12 +53,12 @@ def _num(x) -> float:
 def load_evals(paths: list[str]) -> pd.DataFrame:
     rows = []
     for path in paths:
-        key = _match(EVAL_RE, path, "evaluation result")
+        key = parse_eval(path)
         res = read_json(path, "evaluation result")
         if "value" not in res:
             raise DLZOError(f"evaluation result {path} has no `value` field (the task's metric, a fraction)")
-        rows.append({"model": key["model"], "task": key["task"], "method": key["method"] or key["single"],
-                     "seed": int(key["seed"]) if key["seed"] else None, "metric": res.get("metric"),
+        rows.append({"model": key["model"], "task": key["task"], "method": key["method"], "seed": key["seed"],
+                     "metric": res.get("metric"),
                      "value": 100.0 * float(res["value"]), "protocol": res.get("protocol")})
     return pd.DataFrame(rows, columns=KEY + ["metric", "value", "protocol"])
 
@@ -118,7 +91,7 @@ def load_logs(paths: list[str], chosen: dict | None = None) -> Logs:
     """Training logs; ``chosen`` maps (model, task, method) to the grid point the selection chose."""
     rows, train_curves, dev_curves = [], {}, {}
     for path in paths:
-        key = _match(LOG_RE, path, "training log")
+        key = parse("train_log", path, "training log")
         if _unchosen(key, chosen, path):
             continue
         log = read_json(path, "training log")
@@ -146,9 +119,9 @@ def load_benchmarks(paths: list[str], chosen: dict | None = None) -> pd.DataFram
     """Snakemake ``benchmark:`` files of the training jobs: the job's wall clock ``s`` and ``max_rss`` (MB)."""
     rows = []
     for path in paths:
-        if _unchosen(_match(BENCH_RE, path, "benchmark file"), chosen, path):
+        key = parse("train_benchmark", path, "benchmark file")
+        if _unchosen(key, chosen, path):
             continue
-        key = _match(BENCH_RE, path, "benchmark file")
         if not Path(path).exists():
             raise DLZOError(f"benchmark file {path} does not exist")
         with open(path, newline="") as fh:
@@ -207,7 +180,7 @@ def best_layer_rows(evals: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
 
     Chosen on dev, never on test, so the row is a fair competitor to the others.
     """
-    sweep = runs[runs["method"].str.fullmatch(SWEEP_RE.pattern)]
+    sweep = runs[runs["method"].map(is_sweep)]
     if sweep.empty:
         return evals.iloc[0:0].assign(chosen=None)
     dev = sweep.groupby(["model", "task", "method"])["best_dev_loss"].mean().reset_index().dropna()
@@ -367,60 +340,7 @@ def _cmp_row(model, what, r, ours, comparable, note) -> dict:
 
 
 # ------------------------------------------------------------------------------------------- rendering
-
-@dataclass
-class Table:
-    title: str
-    header: list[str]
-    rows: list[list[str]]
-    note: str = ""
-
-
-def _esc_tex(s: str) -> str:
-    s = str(s).replace("\\", "\0")
-    for a in "&%$#_{}":
-        s = s.replace(a, "\\" + a)
-    s = s.replace("~", r"\textasciitilde{}").replace("^", r"\textasciicircum{}").replace("\0", r"\textbackslash{}")
-    return s.replace("±", r"$\pm$").replace("×", r"$\times$").replace("—", "--")
-
-
-def to_markdown(tables: list[Table], note: str = "") -> str:
-    parts = []
-    for t in tables:
-        cell = lambda x: str(x).replace("|", "\\|")  # noqa: E731 - a bare | would split the cell
-        lines = [f"### {t.title}", "", "| " + " | ".join(map(cell, t.header)) + " |", "|" + "---|" * len(t.header)]
-        lines += ["| " + " | ".join(map(cell, r)) + " |" for r in t.rows]
-        parts.append("\n".join(lines) + (f"\n\n{t.note}" if t.note else ""))
-    return "\n\n".join(parts + ([note] if note else [])) + "\n"
-
-
-def to_latex(tables: list[Table], note: str = "") -> str:
-    """booktabs tables (\\usepackage{booktabs}); one table environment per model or task."""
-    parts = ["\n".join(f"% {line}" for line in note.splitlines() if line.strip())] if note else []
-    for t in tables:
-        cols = "l" + "r" * (len(t.header) - 1)
-        body = [" & ".join(_esc_tex(c) for c in r) + r" \\" for r in t.rows]
-        parts.append("\n".join([r"\begin{table}[t]", r"\centering", r"\small",
-                                rf"\caption{{{_esc_tex(t.title)}}}", rf"\begin{{tabular}}{{{cols}}}", r"\toprule",
-                                " & ".join(_esc_tex(h) for h in t.header) + r" \\", r"\midrule", *body,
-                                r"\bottomrule", r"\end{tabular}", r"\end{table}"]))
-    return "\n\n".join(parts) + "\n"
-
-
-def to_html(tables: list[Table], title: str, note: str = "") -> str:
-    css = ("body{font-family:sans-serif;font-size:14px;margin:1em}table{border-collapse:collapse;margin:.5em 0 1.5em}"
-           "th,td{border-bottom:1px solid #bbb;padding:3px 9px;text-align:right}th{border-bottom:2px solid #000}"
-           "td:first-child,th:first-child{text-align:left}p.note{max-width:60em;color:#333}")
-    out = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-           f"<style>{css}</style></head><body>"]
-    for t in tables:
-        out.append(f"<h3>{html.escape(t.title)}</h3><table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in t.header)
-                   + "</tr>" + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in t.rows)
-                   + "</table>" + (f"<p class='note'>{html.escape(t.note)}</p>" if t.note else ""))
-    if note:
-        out += [f"<p class='note'>{html.escape(p)}</p>" for p in note.split("\n\n")]
-    return "\n".join(out) + "</body></html>\n"
-
+# (the formats themselves are dlzo.render's)
 
 def _f(x, fmt: str) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
@@ -673,15 +593,15 @@ def layer_ranking(evals: pd.DataFrame, runs: pd.DataFrame, probes: dict, sens: d
         layers = sorted(set(pr) | set(zo) | set(fo))
         df = pd.DataFrame({"model": model, "layer": layers, "max_abs": [pr.get(i) for i in layers],
                            "zo_rms_g": [zo.get(i) for i in layers], "fo_grad_norm": [fo.get(i) for i in layers]})
-        ev = evals[(evals["model"] == model) & evals["method"].str.fullmatch(SWEEP_RE.pattern)]
+        ev = evals[(evals["model"] == model) & evals["method"].map(is_sweep)]
         for task in sorted(ev["task"].unique()):
             zs = evals[(evals["model"] == model) & (evals["task"] == task) & (evals["method"] == "zero-shot")]["value"]
             base = float(zs.mean()) if not zs.empty else 0.0
-            t = ev[ev["task"] == task].assign(layer=lambda d: d["method"].str.slice(6).astype(int))
+            t = ev[ev["task"] == task].assign(layer=lambda d: d["method"].map(sweep_layer))
             gain = t.groupby("layer")["value"].mean() - base
             tr = runs[(runs["model"] == model) & (runs["task"] == task) &
-                      runs["method"].str.fullmatch(SWEEP_RE.pattern)].assign(
-                layer=lambda d: d["method"].str.slice(6).astype(int))
+                      runs["method"].map(is_sweep)].assign(
+                layer=lambda d: d["method"].map(sweep_layer))
             dev = tr.groupby("layer")["best_dev_loss"].mean()
             # how far training took the dev loss below the untrained model's (step 0 of the dev curve)
             drop = (tr["initial_dev_loss"] - tr["best_dev_loss"]).groupby(tr["layer"]).mean()
@@ -757,7 +677,7 @@ def write_tables(evals_paths, log_paths, probe_paths, out_dir, bench_paths=(), m
     if evals.empty:
         raise DLZOError("no evaluation results were given: nothing to tabulate")
     bench, metas = load_benchmarks(list(bench_paths), chosen), load_metas(list(meta_paths))
-    probes = {Path(p).parent.name: read_json(p, "probe result") for p in probe_paths}
+    probes = {parse("probe", p, "probe result")["model"]: read_json(p, "probe result") for p in probe_paths}
     runs = logs.runs
     proto = protocol_note(evals, metas)
 
@@ -807,8 +727,9 @@ def write_tables(evals_paths, log_paths, probe_paths, out_dir, bench_paths=(), m
     sel_t = selection_tables(sel)
     texts = {"hyper_selection.md": to_markdown(sel_t, SEL_NOTE) if sel_t else
              "No method has a grid in this config: every lr and eps is a single value (train.hyper).\n"}
-    sens = {Path(p).parent.name: read_json(p, "sensitivity profile") for p in sensitivity_paths}
-    grads = {Path(p).parent.name: read_json(p, "gradient norms") for p in gradnorm_paths}
+    sens = {parse("sensitivity", p, "sensitivity profile")["model"]: read_json(p, "sensitivity profile")
+            for p in sensitivity_paths}
+    grads = {parse("gradnorm", p, "gradient norms")["model"]: read_json(p, "gradient norms") for p in gradnorm_paths}
     per_layer, corr = layer_ranking(evals, runs, probes, sens, grads)
     rank_t = ranking_tables(per_layer, corr)
     texts["layer_ranking.md"] = to_markdown(rank_t, RANK_NOTE) if rank_t else "No per-layer predictor in this config.\n"

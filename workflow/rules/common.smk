@@ -1,18 +1,22 @@
-# Input functions, the list of runs the config asks for, and checks the JSON schema cannot express.
-import json
-import re
+# The run table (every training run the config asks for, built once), input functions that look values up
+# in it, the rules' shared settings, and the config checks the JSON schema cannot express. Method names,
+# grid tags and result paths come from dlzo.methods and dlzo.layout (torch-free, imported from src/).
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 
+SRC = Path(workflow.basedir, "src")
+sys.path.insert(0, str(SRC))
+from dlzo import DLZOError  # noqa: E402
+from dlzo import methods as M  # noqa: E402
+from dlzo.layout import Layout, module_sources  # noqa: E402
+from dlzo.tasks import TASKS  # noqa: E402
+
 RESULTS = config.get("results", "results")
-KNOWN_TASKS = ["sst2", "rte", "cb", "boolq", "wsc", "copa", "multirc", "squad", "drop"]
-MULTIPLE_CHOICE_TASKS = ["sst2", "rte", "cb", "boolq", "wsc", "copa", "multirc"]  # calibrated-zero-shot runs on these
-GRID_TAG = re.compile(r"^(?P<base>[^@]+)@lr(?P<lr>[^_]+)(?:_eps(?P<eps>.+))?$")  # a grid point: <method>@lr<lr>[_eps<eps>]
-TRAINED_METHODS = ["mezo-full", "lora-zo", "dominant", "dominant-lora", "sparse-mezo", "fo-adamw"]
-FO_LAYER = re.compile(r"^fo-layer-(\d+)$")  # first-order AdamW on one decoder layer
-SWEEP_LAYER = re.compile(r"layer-\d+")  # a run of the single-layer sweep (fullmatch)
+L = Layout(RESULTS)
+MULTIPLE_CHOICE_TASKS = [t for t, spec in TASKS.items() if spec.kind == "multiple_choice"]  # calibrated-zero-shot
 
 
 def config_error(key, message):
@@ -31,104 +35,16 @@ def sweep_layers(model):
     if sweep == "all":
         return list(range(model_layers(model)))
     for i in sweep:
-        if not 0 <= int(i) < model_layers(model):
-            config_error("sweep_layers", f"layer index {i} is past the depth of model {model} "
-                         f"({model_layers(model)} layers: indices 0..{model_layers(model) - 1})")
+        check_layer(model, i, "sweep_layers", f"layer index {i}")
     return sorted({int(i) for i in sweep})
 
 
-def _check_config():
-    for task in config["tasks"]:
-        if task not in KNOWN_TASKS:
-            config_error(f"tasks.{task}", f"unknown task; expected one of {', '.join(KNOWN_TASKS)}")
-    for model, pin in (config.get("dominant_layer") or {}).items():
-        if model not in config["models"]:
-            config_error(f"dominant_layer.{model}", f"no model named {model} under `models`")
-        if pin is not None and not 0 <= int(pin) < model_layers(model):
-            config_error(f"dominant_layer.{model}", f"layer index {pin} is past the model's depth "
-                         f"({model_layers(model)} layers)")
-    for task in sweep_tasks():
-        if task not in config["tasks"]:
-            config_error("sweep_tasks", f"{task} is not a configured task; expected some of {', '.join(config['tasks'])}")
-    for model in config["models"]:
-        sweep_layers(model)
-        for method in config["methods"]:
-            m = FO_LAYER.match(method)
-            if m and int(m.group(1)) >= model_layers(model):
-                config_error("methods", f"{method}: layer index {m.group(1)} is past the depth of model {model} "
-                             f"({model_layers(model)} layers: indices 0..{model_layers(model) - 1})")
-    hyper = config["train"]["hyper"]
-    for method in config["methods"]:
-        family = method_family(method) if method != "zero-shot" else None
-        if family in ("fo", "sparse") and family not in hyper:
-            config_error(f"train.hyper.{family}", f"method {method} needs this block "
-                         f"({'lr and epochs or steps' if family == 'fo' else 'lr, eps and sparsity'})")
-    for method in config.get("method_seeds") or {}:
-        if method != "layer-sweep" and method not in config["methods"] and not SWEEP_LAYER.fullmatch(method):
-            config_error(f"method_seeds.{method}", "no such method in `methods` (or `layer-sweep` for the sweep's "
-                         f"layer-<i> runs); expected one of {', '.join(['layer-sweep', *config['methods']])}")
-    task = config["probe"].get("gradnorm", {}).get("task")
-    if task is not None and task not in config["tasks"]:
-        config_error("probe.gradnorm.task", f"no task named {task} under `tasks` (its training split feeds "
-                     f"the batches); expected one of {', '.join(config['tasks'])}")
-    task = config["probe"].get("sensitivity", {}).get("task")
-    if task is not None and task not in config["tasks"]:
-        config_error("probe.sensitivity.task", f"no task named {task} under `tasks` (its training split feeds "
-                     f"the batches); expected one of {', '.join(config['tasks'])}")
-
-
-def seeds():
-    return [int(s) for s in config["seeds"]]
-
-
-def method_seeds(method):
-    """The seeds of ``method``: `method_seeds.<method>` (`layer-sweep` for the sweep's layer-<i>), else `seeds`."""
-    own = config.get("method_seeds") or {}
-    key = "layer-sweep" if SWEEP_LAYER.fullmatch(method) and method not in own else method
-    return [int(s) for s in own.get(key, config["seeds"])]
-
-
-def _values(x):
-    return [float(v) for v in x] if isinstance(x, list) else [float(x)]
-
-
-def hyper_grid(method):
-    """The grid points of ``method`` as run-folder suffixes ('@lr1e-05_eps0.001'), [] when its family's lr and eps
-    are single values (the run folder is then the method's name alone, as before grids existed)."""
-    family = method_family(method)
-    h = config["train"]["hyper"][family]
-    epss = [None] if family == "fo" else _values(h["eps"])
-    points = [(lr, eps) for lr in _values(h["lr"]) for eps in epss]
-    if len(points) == 1:
-        return []
-    return [f"@lr{lr:g}" + (f"_eps{eps:g}" if eps is not None else "") for lr, eps in points]
-
-
-def base_method(method):
-    """The method of a run folder name: 'mezo-full@lr1e-05_eps0.001' -> 'mezo-full'."""
-    return method.split("@", 1)[0]
-
-
-def selection_path(model, task, method):
-    """select_hyper's JSON for a method with a grid: every point's dev loss and the chosen one."""
-    return f"{RESULTS}/train/{model}/{task}/{method}/hyper_selection.json"
-
-
-def picks_from_grid(method, seed):
-    """Whether (method, seed) is the grid's own run: the method's first seed, trained at every point; the
-    chosen point's folder <method>@<point>/seed<s> stands for it (the other seeds train in <method>/seed<s>
-    at the chosen point). No Snakemake checkpoint: which folder it is, is read from the selection at run time."""
-    return bool(hyper_grid(method)) and "@" not in method and int(seed) == method_seeds(method)[0]
-
-
-def result_runs(model, task, method, seed):
-    """The run folder names behind (model, task, method, seed): its own, or every grid point's (first seed)."""
-    return grid_runs(model, task, method) if picks_from_grid(method, seed) else [method]
-
-
-def result_logs(model, task, method, seed):
-    """The training log(s) behind (model, task, method, seed)."""
-    return [f"{RESULTS}/train/{model}/{task}/{run}/seed{seed}/log.json" for run in result_runs(model, task, method, seed)]
+def check_layer(model, layer, key, what):
+    """A layer index of the config within the depth of ``model`` (`num_layers`), else a config error at ``key``."""
+    try:
+        M.check_layer_index(int(layer), model_layers(model), f"{what}, model {model}")
+    except DLZOError as err:
+        config_error(key, str(err))
 
 
 def sweep_tasks():
@@ -137,32 +53,163 @@ def sweep_tasks():
     return list(config["tasks"]) if tasks is None else list(tasks)
 
 
+def configured_methods():
+    """The config's trained methods, parsed (the frozen-model baselines are evaluated, not trained)."""
+    out = []
+    for name in config["methods"]:
+        if name in M.EVAL_ONLY:
+            continue
+        try:
+            method = M.parse_method(name)
+        except DLZOError as err:
+            config_error("methods", f"{err} (or {', '.join(M.EVAL_ONLY)})")
+        if method.is_sweep:
+            config_error("methods", f"{name}: the sweep's layer-<i> runs come from `sweep_layers`, not `methods`")
+        out.append(method)
+    return out
+
+
+def method_seeds(method):
+    """The seeds of ``method``: `method_seeds.<method>` (`layer-sweep` for the sweep's layer-<i>), else `seeds`."""
+    own = config.get("method_seeds") or {}
+    key = "layer-sweep" if M.is_sweep(method) and method not in own else method
+    return [int(s) for s in own.get(key, config["seeds"])]
+
+
+def _values(x):
+    return [float(v) for v in x] if isinstance(x, list) else [float(x)]
+
+
+def grid_points(method):
+    """(lr, eps) of every grid point of ``method``; one point means no grid (eps None: first-order)."""
+    block = M.hyper_block(method, config["train"]["hyper"])
+    h = config["train"]["hyper"][block]
+    epss = [None] if M.parse_method(method).is_fo else _values(h["eps"])
+    return [(lr, eps) for lr in _values(h["lr"]) for eps in epss]
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training job: its run folder (the method, or a grid point's <method>@lr<lr>[_eps<eps>]), its
+    hyperparameter block and values (lr None: read from the grid's selection when the job runs)."""
+    model: str
+    task: str
+    method: str
+    folder: str
+    seed: int
+    block: str
+    lr: float | None
+    eps: float | None
+    grid_point: bool = False
+
+    @property
+    def log(self):
+        return L.train_log(self.model, self.task, self.folder, self.seed)
+
+    @property
+    def benchmark(self):
+        return L.train_benchmark(self.model, self.task, self.folder, self.seed)
+
+    @property
+    def selection(self):
+        """The selection this run trains at or stands for (a grid method's), else None."""
+        return L.selection(self.model, self.task, self.method) if len(grid_points(self.method)) > 1 else None
+
+
 def trained_methods(model, task):
-    """Every training method for (``model``, ``task``): the configured baselines plus the layer sweep (on the
+    """Every training method for (``model``, ``task``): the configured ones plus the layer sweep (on the
     tasks of `sweep_tasks`)."""
-    methods = [m for m in config["methods"] if m in TRAINED_METHODS or FO_LAYER.match(m)]
-    return methods + ([f"layer-{i}" for i in sweep_layers(model)] if task in sweep_tasks() else [])
+    names = [m.name for m in configured_methods()]
+    return names + ([M.sweep_method(i) for i in sweep_layers(model)] if task in sweep_tasks() else [])
 
 
-def method_family(method):
-    """Which hyperparameter block of `train.hyper` a method uses."""
-    method = method.split("@", 1)[0]
-    if method == "mezo-full":
-        return "full"
-    if method == "lora-zo":
-        return "lora"
-    if method == "sparse-mezo":
-        return "sparse"
-    if method == "fo-adamw" or FO_LAYER.match(method):
-        return "fo"
-    if method == "dominant-lora" or method.endswith("-lora"):
-        return "layer-lora"
-    if SWEEP_LAYER.fullmatch(method) and "sweep" in config["train"]["hyper"]:
-        return "sweep"  # the sweep's own lr/eps (optional; else the single-layer block)
-    return "layer"
+def _runs_of(model, task, method, seed):
+    """The runs behind a (model, task, method, seed) result: every grid point for the method's first seed
+    (the dev split picks one), else the one run (at the grid's pick, or at the single lr and eps)."""
+    block = M.hyper_block(method, config["train"]["hyper"])
+    points = grid_points(method)
+    if len(points) == 1:
+        return [Run(model, task, method, method, seed, block, *points[0])]
+    if seed != method_seeds(method)[0]:
+        return [Run(model, task, method, method, seed, block, None, None)]
+    return [Run(model, task, method, method + M.grid_tag(lr, eps), seed, block, lr, eps, True) for lr, eps in points]
+
+
+def _run_table():
+    results, runs = {}, {}
+    for model in config["models"]:
+        for task in config["tasks"]:
+            for method in trained_methods(model, task):
+                for seed in method_seeds(method):
+                    results[model, task, method, seed] = _runs_of(model, task, method, seed)
+                    for run in results[model, task, method, seed]:
+                        runs[run.model, run.task, run.folder, run.seed] = run
+    return results, runs
+
+
+def run_of(w):
+    """The Run of a training job's wildcards (model, task, method = its run folder, seed)."""
+    key = (w.model, w.task, w.method, int(w.seed))
+    if key not in RUNS:
+        config_error("methods", f"no training run {'/'.join(map(str, key))} in this config "
+                     f"(a grid point not in train.hyper's grid, or a method not in `methods`)")
+    return RUNS[key]
+
+
+def _check_config():
+    for task in config["tasks"]:
+        if task not in TASKS:
+            config_error(f"tasks.{task}", f"unknown task; expected one of {', '.join(TASKS)}")
+    for model, pin in (config.get("dominant_layer") or {}).items():
+        if model not in config["models"]:
+            config_error(f"dominant_layer.{model}", f"no model named {model} under `models`")
+        if pin is not None:
+            check_layer(model, pin, f"dominant_layer.{model}", "pinned layer")
+    for task in sweep_tasks():
+        if task not in config["tasks"]:
+            config_error("sweep_tasks", f"{task} is not a configured task; expected some of {', '.join(config['tasks'])}")
+    hyper = config["train"]["hyper"]
+    for method in configured_methods():
+        for model in config["models"]:
+            if method.layer is not None:
+                check_layer(model, method.layer, "methods", method.name)
+        if method.family not in hyper:
+            config_error(f"train.hyper.{method.family}", f"method {method.name} needs this block "
+                         f"({'lr and epochs or steps' if method.is_fo else 'lr, eps and sparsity'})")
+    for model in config["models"]:
+        sweep_layers(model)
+    for method in config.get("method_seeds") or {}:
+        if method != "layer-sweep" and method not in config["methods"] and not M.is_sweep(method):
+            config_error(f"method_seeds.{method}", "no such method in `methods` (or `layer-sweep` for the sweep's "
+                         f"layer-<i> runs); expected one of {', '.join(['layer-sweep', *config['methods']])}")
+    for probe in ("sensitivity", "gradnorm"):
+        task = config["probe"].get(probe, {}).get("task")
+        if task is not None and task not in config["tasks"]:
+            config_error(f"probe.{probe}.task", f"no task named {task} under `tasks` (its training split feeds "
+                         f"the batches); expected one of {', '.join(config['tasks'])}")
 
 
 _check_config()
+RESULT_RUNS, RUNS = _run_table()
+
+
+# ---------------------------------------------------------------------------------------- what to make
+
+def result_runs(w):
+    """The runs behind an evaluation's wildcards (model, task, method, seed)."""
+    return RESULT_RUNS[w.model, w.task, w.method, int(w.seed)]
+
+
+def result_selection(w):
+    """The selection that picks an evaluation's run among the grid points (the method's first seed), else none."""
+    runs = result_runs(w)
+    return [runs[0].selection] if runs[0].grid_point else []
+
+
+def train_selection(w):
+    """A grid method's other seeds train at the point its first seed chose on dev."""
+    run = run_of(w)
+    return [run.selection] if run.lr is None else []
 
 
 def eval_outputs():
@@ -170,26 +217,44 @@ def eval_outputs():
     for model in config["models"]:
         for task in config["tasks"]:
             if "zero-shot" in config["methods"]:
-                out.append(f"{RESULTS}/eval/{model}/{task}/zero-shot.json")
+                out.append(L.eval(model, task, "zero-shot"))
             if task in MULTIPLE_CHOICE_TASKS:  # the bias-only baseline, in every config
-                out.append(f"{RESULTS}/eval/{model}/{task}/calibrated-zero-shot.json")
-            for method in trained_methods(model, task):
-                for seed in method_seeds(method):
-                    out.append(f"{RESULTS}/eval/{model}/{task}/{method}/seed{seed}.json")
+                out.append(L.eval(model, task, "calibrated-zero-shot"))
+            out += [L.eval(model, task, method, seed) for (m, t, method, seed) in RESULT_RUNS if (m, t) == (model, task)]
     return out
 
 
-def sensitivity_task():
-    """The task whose training split feeds the sensitivity profile: `probe.sensitivity.task`, or else the
-    configured task that comes first in the paper's task order (SST-2, RTE, CB, BoolQ, WSC, COPA, MultiRC,
-    SQuAD, DROP): not the first listed, so that reordering the config or adding a later task reruns nothing."""
-    return (config["probe"].get("sensitivity", {}).get("task")
-            or next(t for t in KNOWN_TASKS if t in config["tasks"]))
+def train_logs():
+    """Every training log the tables read: each run's, and every grid point's (the tables keep the chosen)."""
+    return [run.log for runs in RESULT_RUNS.values() for run in runs]
 
 
-def gradnorm_task():
-    """The task whose training split feeds the gradient norms: `probe.gradnorm.task`, else the sensitivity's."""
-    return config["probe"].get("gradnorm", {}).get("task") or sensitivity_task()
+def train_benchmarks():
+    """Snakemake's benchmark file of every training job the tables read: they cross-check the jobs' timing."""
+    return [run.benchmark for runs in RESULT_RUNS.values() for run in runs]
+
+
+def selections():
+    """select_hyper's JSON of every method that has a grid (the tables show each grid and its choice)."""
+    return list(dict.fromkeys(runs[0].selection for runs in RESULT_RUNS.values() if runs[0].grid_point))
+
+
+def grid_logs(w):
+    """select_hyper's inputs: the log of every grid point of (model, task, method)."""
+    return [run.log for run in RESULT_RUNS[w.model, w.task, w.method, method_seeds(w.method)[0]]]
+
+
+def profile_task(profile):
+    """The task whose training split feeds a per-layer profile: `probe.<profile>.task`; the gradient norms
+    default to the sensitivity's task, which defaults to the configured task first in the paper's order
+    (SST-2, RTE, CB, BoolQ, WSC, COPA, MultiRC, SQuAD, DROP): not the first listed, so that reordering the
+    config or adding a later task reruns nothing."""
+    own = config["probe"].get(profile, {}).get("task")
+    if own:
+        return own
+    if profile == "gradnorm":
+        return profile_task("sensitivity")
+    return next(t for t in TASKS if t in config["tasks"])
 
 
 def sensitivity_enabled():
@@ -201,43 +266,16 @@ def gradnorm_enabled():
     return sensitivity_enabled() and config["probe"].get("gradnorm", {}).get("enabled", True)
 
 
-def sensitivity_outputs():
-    """The per-layer profiles beside the probe: ZO sensitivity, and (with it) the gradient norms."""
+def profile_outputs(kind=None):
+    """The per-layer profiles beside the probe (ZO sensitivity and, with it, the gradient norms) and their
+    figures; ``kind`` 'sensitivity' or 'gradnorm': that JSON only."""
     out = []
     for model in config["models"]:
-        if sensitivity_enabled():
-            out += [f"{RESULTS}/probe/{model}/sensitivity.json", f"{RESULTS}/probe/{model}/sensitivity_profile.png"]
-        if gradnorm_enabled():
-            out += [f"{RESULTS}/probe/{model}/gradnorm.json", f"{RESULTS}/probe/{model}/layer_predictors.png"]
+        if sensitivity_enabled() and kind in (None, "sensitivity"):
+            out += [L.probe(model, "sensitivity")] + ([L.probe(model, "sensitivity_png")] if kind is None else [])
+        if gradnorm_enabled() and kind in (None, "gradnorm"):
+            out += [L.probe(model, "gradnorm")] + ([L.probe(model, "predictors_png")] if kind is None else [])
     return out
-
-
-def train_runs():
-    """(model, task, method, seed) of every result the tables report: a grid method's chosen point."""
-    return [(model, task, method, seed) for model in config["models"] for task in config["tasks"]
-            for method in trained_methods(model, task) for seed in method_seeds(method)]
-
-
-def grid_runs(model, task, method):
-    """Run folder names (method + grid suffix) of the grid search: every point, with the method's first seed."""
-    return [f"{method}{tag}" for tag in hyper_grid(method)]
-
-
-def train_logs():
-    """Every training log the tables read: each run's, and every grid point's (the tables keep the chosen)."""
-    return [log for m, t, meth, s in train_runs() for log in result_logs(m, t, meth, s)]
-
-
-def train_benchmarks():
-    """Snakemake's benchmark file of every training job the tables read: they cross-check the jobs' timing."""
-    return [f"{RESULTS}/benchmarks/zo_train/{m}/{t}/{run}/seed{s}.tsv" for m, t, meth, s in train_runs()
-            for run in result_runs(m, t, meth, s)]
-
-
-def selections():
-    """select_hyper's JSON of every method that has a grid (the tables show each grid and its choice)."""
-    return [selection_path(m, t, meth) for m in config["models"] for t in config["tasks"]
-            for meth in trained_methods(m, t) if hyper_grid(meth)]
 
 
 PROTOCOLS = {"hub": "MeZO's hub splits (train/dev sampled from the train split, test from validation)",
@@ -255,101 +293,85 @@ def report_protocol():
 
 def tables_report(name, caption, category, subcategory=None):
     """A table or figure of the tables stage, flagged for `snakemake --report` with its caption."""
-    return report(f"{RESULTS}/tables/{name}", caption=f"../report/{caption}.rst", category=category,
-                  subcategory=subcategory)
+    return report(L.tables(name), caption=f"../report/{caption}.rst", category=category, subcategory=subcategory)
 
+
+# ------------------------------------------------------------------------------------ jobs' settings
 
 def model_resources(model, key, default):
     return config["models"][model].get("resources", {}).get(key, default)
 
 
-def gpu_count(wildcards):
-    return model_resources(wildcards.model, "gpu", 0)
+# The GPU rules' resources (sbatch --gpus, --mem, -t under the SLURM profile), from the model's config entry,
+# and their threads (runtime.threads): `threads: THREADS` and `resources: **MODEL_RESOURCES` in each rule.
+THREADS = config.get("runtime", {}).get("threads") or 1
+MODEL_RESOURCES = dict(gpu=lambda w: model_resources(w.model, "gpu", 0),
+                       mem_mb=lambda w: model_resources(w.model, "mem_mb", 8000),
+                       runtime=lambda w: model_resources(w.model, "runtime", 60))
 
 
-def mem_mb(wildcards):
-    return model_resources(wildcards.model, "mem_mb", 8000)
-
-
-def runtime_min(wildcards):
-    return model_resources(wildcards.model, "runtime", 60)
+def cli(*pairs, **options):
+    """Command-line options from values: cli(steps=3, lr=None, max_len=64) -> '--steps 3 --max-len 64'.
+    None leaves an option out; positional (flag, value) pairs come first, in order."""
+    items = list(pairs) + [(f"--{k.replace('_', '-')}", v) for k, v in options.items()]
+    return " ".join(f"{flag} {value}" for flag, value in items if value is not None)
 
 
 def runtime_args():
     rt = config.get("runtime", {})
-    args = f"--device {rt.get('device', 'auto')} --dtype {rt.get('dtype', 'auto')}"
-    if rt.get("threads"):
-        args += f" --threads {rt['threads']}"
-    return args
+    return cli(device=rt.get("device", "auto"), dtype=rt.get("dtype", "auto"), threads=rt.get("threads") or None)
 
 
-def scoring_args(task):
-    """` --scoring <how>` for a task whose candidate scoring (its own, else train.candidate_scoring) is not the
-    default; nothing otherwise, so runs made before the key existed keep their commands."""
+def scoring(task):
+    """A task's candidate scoring (its own, else train.candidate_scoring); None at the default, so that runs
+    made before the key existed keep their commands."""
     how = config["tasks"][task].get("candidate_scoring") or config["train"].get("candidate_scoring", "per-sequence")
-    return f" --scoring {how}" if how != "per-sequence" else ""
+    return how if how != "per-sequence" else None
 
 
-def train_args(wildcards):
-    t = config["train"]
-    family = method_family(wildcards.method)
-    hyper = dict(t["hyper"][family])
-    point = GRID_TAG.match(wildcards.method)
-    if point:  # a grid point: its lr (and eps) are in the run folder's name
-        if f"@{wildcards.method.split('@', 1)[1]}" not in hyper_grid(wildcards.method):
-            config_error(f"train.hyper.{family}", f"run {wildcards.method} is not a point of the configured grid "
-                         f"({', '.join(hyper_grid(wildcards.method)) or 'no grid'})")
-        hyper["lr"] = float(point["lr"])
-        if point["eps"] is not None:
-            hyper["eps"] = float(point["eps"])
-    elif hyper_grid(wildcards.method):  # another seed at the grid's pick: lr and eps come from the selection
-        hyper.update(lr=None, eps=None)
-    else:  # a one-value list is a single value
-        hyper.update({k: _values(hyper[k])[0] for k in ("lr", "eps") if k in hyper})
-    if family == "fo":  # first-order AdamW: epochs (or steps), a dev checkpoint per epoch unless told
-        length = f"--epochs {hyper['epochs']}" if "epochs" in hyper else f"--steps {hyper.get('steps', t['steps'])}"
-        args = (f"{length} --batch-size {t['batch_size']} --eval-every {hyper.get('eval_every', 0)} "
-                f"--dev-eval-size {t.get('dev_eval_size', 0)} --max-len {t['max_len']}"
-                + (f" --lr {hyper['lr']}" if hyper["lr"] is not None else "")
-                + f" --weight-decay {hyper.get('weight_decay', 0.0)} --max-grad-norm {hyper.get('max_grad_norm', 1.0)}")
-    else:
-        args = (f"--steps {t['steps']} --batch-size {t['batch_size']} --eval-every {t['eval_every']} "
-                f"--dev-eval-size {t.get('dev_eval_size', 0)} --max-len {t['max_len']} "
-                + (f"--lr {hyper['lr']} --eps {hyper['eps']} " if hyper["lr"] is not None else "")
-                + f"--weight-decay {hyper.get('weight_decay', 0.0)}")
-    if family == "sparse":
-        args += f" --sparsity {hyper['sparsity']}"
-    if family != "fo" and t.get("restore", "auto") != "auto":  # the default adds nothing: earlier runs stay valid
-        args += f" --restore {t['restore']}"
-    args += scoring_args(wildcards.task)
-    if family in ("layer", "layer-lora") or FO_LAYER.match(base_method(wildcards.method)):
-        args += f" --prefix-cache {t.get('prefix_cache', 'auto')}"
-        if t.get("paired_suffix", "auto") != "auto" and family in ("layer", "layer-lora"):  # ZO only; the
-            # default adds nothing, so runs made before the key existed stay valid
-            args += f" --paired-suffix {t['paired_suffix']}"
-    if "lora" in method_family(wildcards.method):
-        args += f" --lora-r {t['lora']['r']} --lora-alpha {t['lora']['alpha']}"
-    if point:  # a grid point that diverges is a finding (its best checkpoint before that), not a failed job
-        args += " --on-nonfinite stop"
-    pin = (config.get("dominant_layer") or {}).get(wildcards.model)
-    if wildcards.method.startswith("dominant") and pin is not None:
-        args += f" --layer {int(pin)}"
+def _non_default(key, default="auto"):
+    """A train key's value, or None at its default (the default adds nothing: earlier runs stay valid)."""
+    value = config["train"].get(key, default)
+    return value if value != default else None
+
+
+def train_args(w):
+    """dlzo.train's options for a run, looked up in the run table and the config."""
+    run, t = run_of(w), config["train"]
+    method = M.parse_method(run.method)
+    h = config["train"]["hyper"][run.block]
+    length = dict(steps=t["steps"])
+    if method.is_fo:  # first-order AdamW: epochs (or steps), a dev checkpoint per epoch unless told
+        length = dict(epochs=h["epochs"]) if "epochs" in h else dict(steps=h.get("steps", t["steps"]))
+    args = cli(**length, batch_size=t["batch_size"], eval_every=h.get("eval_every", 0) if method.is_fo else t["eval_every"],
+               dev_eval_size=t.get("dev_eval_size", 0), max_len=t["max_len"], lr=run.lr,
+               eps=None if method.is_fo else run.eps, weight_decay=h.get("weight_decay", 0.0),
+               max_grad_norm=h.get("max_grad_norm", 1.0) if method.is_fo else None,
+               sparsity=h.get("sparsity") if method.kind == "sparse-mezo" else None,
+               restore=None if method.is_fo else _non_default("restore"),
+               scoring=scoring(w.task),
+               prefix_cache=t.get("prefix_cache", "auto") if method.is_single_layer else None,
+               # ZO only
+               paired_suffix=_non_default("paired_suffix") if method.is_single_layer and not method.is_fo else None,
+               lora_r=t["lora"]["r"] if method.is_lora else None,
+               lora_alpha=t["lora"]["alpha"] if method.is_lora else None,
+               # a grid point that diverges is a finding (its best checkpoint before that), not a failed job
+               on_nonfinite="stop" if run.grid_point else None,
+               layer=(config.get("dominant_layer") or {}).get(w.model) if method.is_dominant else None)
     return args
 
 
-def probe_input(wildcards):
-    """dominant methods: the probe's JSON, through the checkpoint (the layer is only known after it)."""
-    if wildcards.method.startswith("dominant"):
-        return checkpoints.probe_outliers.get(model=wildcards.model).output.json
-    return []
+def probe_input(w):
+    """The dominant methods read the probe's JSON when they run (no checkpoint: the DAG does not depend on it)."""
+    return [L.probe(w.model)] if M.parse_method(run_of(w).method).is_dominant else []
 
 
-def src(*modules):
-    """Source files of the modules a job runs (python -m is not tracked as code): editing one reruns its jobs."""
-    return [f"src/dlzo/{m}.py" for m in modules]
-
+def code(module):
+    """Source files of a stage's module and of every dlzo module it imports (python -m is not tracked as code):
+    editing one reruns the jobs that run it."""
+    return [str(p.relative_to(workflow.basedir)) for p in module_sources(module, SRC)]
 
 
 # Jobs run `python -m dlzo.<stage>` with the project's src/ on the path, so they find dlzo inside
 # the per-rule conda envs too (Snakemake copies env files away, so `pip install -e ..` there cannot work).
-shell.prefix(f"export PYTHONPATH={Path(workflow.basedir, 'src')}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
+shell.prefix(f"export PYTHONPATH={SRC}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")

@@ -1,20 +1,19 @@
 rule prepare_data:
     output:
-        train=f"{RESULTS}/data/{{task}}/train.jsonl",
-        dev=f"{RESULTS}/data/{{task}}/dev.jsonl",
-        test=f"{RESULTS}/data/{{task}}/test.jsonl",
-        meta=f"{RESULTS}/data/{{task}}/meta.json",
+        train=L.data("{task}", "train"),
+        dev=L.data("{task}", "dev"),
+        test=L.data("{task}", "test"),
+        meta=L.data_meta("{task}"),
     input:
-        src("data", "tasks"),
+        code("data"),
     params:
         source=lambda w: config["tasks"][w.task]["source"],
-        sizes=lambda w: " ".join(f"--{k} {config['tasks'][w.task][k]}"
-                                 for k in ("train", "dev", "test") if config["tasks"][w.task].get(k)),
+        sizes=lambda w: cli(**{k: config["tasks"][w.task].get(k) or None for k in ("train", "dev", "test")}),
         seed=config["data_seed"],
     log:
-        f"{RESULTS}/logs/prepare_data/{{task}}.log",
+        L.log("prepare_data", "{task}"),
     benchmark:
-        f"{RESULTS}/benchmarks/prepare_data/{{task}}.tsv"
+        L.benchmark("prepare_data", "{task}")
     conda:
         "../../envs/data.yaml"
     shell:

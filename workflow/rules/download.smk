@@ -1,19 +1,19 @@
 rule download_model:
     output:
-        directory(f"{RESULTS}/models/{{model}}"),
+        directory(L.model("{model}")),
     input:
-        src("download", "models"),
+        code("download"),
     params:
         source=lambda w: config["models"][w.model]["source"],
         num_layers=lambda w: config["models"][w.model]["num_layers"],
     log:
-        f"{RESULTS}/logs/download_model/{{model}}.log",
+        L.log("download_model", "{model}"),
     benchmark:
-        f"{RESULTS}/benchmarks/download_model/{{model}}.tsv"
+        L.benchmark("download_model", "{model}")
     conda:
         "../../envs/models.yaml"
     resources:
-        mem_mb=mem_mb,
+        mem_mb=MODEL_RESOURCES["mem_mb"],
     shell:
         "python -m dlzo.download --source '{params.source}' --out {output} "
         "--num-layers {params.num_layers} > {log} 2>&1"

@@ -1,60 +1,55 @@
 rule evaluate:
     output:
-        f"{RESULTS}/eval/{{model}}/{{task}}/{{method}}/seed{{seed}}.json",
+        L.eval("{model}", "{task}", "{method}", "{seed}"),
     wildcard_constraints:
         method="[^/@]+",
     input:
         model=rules.download_model.output,
         test=rules.prepare_data.output.test,
-        run=lambda w: result_logs(w.model, w.task, w.method, w.seed),
-        selection=lambda w: [selection_path(w.model, w.task, w.method)] if picks_from_grid(w.method, w.seed) else [],
-        code=src("evaluate", "train", "models", "tasks"),
+        runs=lambda w: [run.log for run in result_runs(w)],
+        # a grid method's first seed: the run is the grid point the selection chose (read when the job runs)
+        selection=result_selection,
+        code=code("evaluate"),
     params:
-        # the run folder: the grid's chosen point, read from the selection when the job runs
-        run=lambda w, input: f"$(python -m dlzo.select run {input.selection})" if input.selection
-        else f"$(dirname {input.run[0]})",
+        run=lambda w, input: cli(selection=input.selection[0]) if input.selection
+        else cli(run=str(Path(input.runs[0]).parent)),
         batch_size=config["evaluate"]["batch_size"],
         runtime=runtime_args(),
     log:
-        f"{RESULTS}/logs/evaluate/{{model}}/{{task}}/{{method}}/seed{{seed}}.log",
+        L.log("evaluate", "{model}/{task}/{method}/seed{seed}"),
     benchmark:
-        f"{RESULTS}/benchmarks/evaluate/{{model}}/{{task}}/{{method}}/seed{{seed}}.tsv"
+        L.benchmark("evaluate", "{model}/{task}/{method}/seed{seed}")
     conda:
         "../../envs/evaluate.yaml"
-    threads: config.get("runtime", {}).get("threads") or 1
+    threads: THREADS
     resources:
-        gpu=gpu_count,
-        mem_mb=mem_mb,
-        runtime=runtime_min,
+        **MODEL_RESOURCES,
     shell:
-        "RUN={params.run}; "
         "python -m dlzo.evaluate --model {input.model} --data $(dirname {input.test}) --task {wildcards.task} "
-        "--run $RUN --method {wildcards.method} --seed {wildcards.seed} "
+        "{params.run} --method {wildcards.method} --seed {wildcards.seed} "
         "--tasks-dir $(dirname {output})/lm_eval_tasks/{wildcards.method}-seed{wildcards.seed} "
         "--batch-size {params.batch_size} {params.runtime} --out {output} > {log} 2>&1"
 
 
 rule evaluate_zero_shot:
     output:
-        f"{RESULTS}/eval/{{model}}/{{task}}/zero-shot.json",
+        L.eval("{model}", "{task}", "zero-shot"),
     input:
         model=rules.download_model.output,
         test=rules.prepare_data.output.test,
-        code=src("evaluate", "models", "tasks"),
+        code=code("evaluate"),
     params:
         batch_size=config["evaluate"]["batch_size"],
         runtime=runtime_args(),
     log:
-        f"{RESULTS}/logs/evaluate/{{model}}/{{task}}/zero-shot.log",
+        L.log("evaluate", "{model}/{task}/zero-shot"),
     benchmark:
-        f"{RESULTS}/benchmarks/evaluate/{{model}}/{{task}}/zero-shot.tsv"
+        L.benchmark("evaluate", "{model}/{task}/zero-shot")
     conda:
         "../../envs/evaluate.yaml"
-    threads: config.get("runtime", {}).get("threads") or 1
+    threads: THREADS
     resources:
-        gpu=gpu_count,
-        mem_mb=mem_mb,
-        runtime=runtime_min,
+        **MODEL_RESOURCES,
     shell:
         "python -m dlzo.evaluate --model {input.model} --data $(dirname {input.test}) --task {wildcards.task} "
         "--method zero-shot --tasks-dir $(dirname {output})/lm_eval_tasks/zero-shot "
@@ -65,28 +60,26 @@ rule evaluate_zero_shot:
 # offset per candidate, fitted on train (for each L2 strength) and the strength chosen on dev accuracy.
 rule evaluate_calibrated:
     output:
-        f"{RESULTS}/eval/{{model}}/{{task}}/calibrated-zero-shot.json",
+        L.eval("{model}", "{task}", "calibrated-zero-shot"),
     input:
         model=rules.download_model.output,
         train=rules.prepare_data.output.train,
         dev=rules.prepare_data.output.dev,
         test=rules.prepare_data.output.test,
-        code=src("evaluate", "models", "tasks"),
+        code=code("evaluate"),
     params:
         batch_size=config["evaluate"]["batch_size"],
         l2=" ".join(str(x) for x in config["evaluate"].get("calibration_l2", [0.0, 0.01, 0.1, 1.0])),
         runtime=runtime_args(),
     log:
-        f"{RESULTS}/logs/evaluate/{{model}}/{{task}}/calibrated-zero-shot.log",
+        L.log("evaluate", "{model}/{task}/calibrated-zero-shot"),
     benchmark:
-        f"{RESULTS}/benchmarks/evaluate/{{model}}/{{task}}/calibrated-zero-shot.tsv"
+        L.benchmark("evaluate", "{model}/{task}/calibrated-zero-shot")
     conda:
         "../../envs/evaluate.yaml"
-    threads: config.get("runtime", {}).get("threads") or 1
+    threads: THREADS
     resources:
-        gpu=gpu_count,
-        mem_mb=mem_mb,
-        runtime=runtime_min,
+        **MODEL_RESOURCES,
     shell:
         "python -m dlzo.evaluate --model {input.model} --data $(dirname {input.test}) --task {wildcards.task} "
         "--method calibrated-zero-shot --calibrate --calibration-l2 {params.l2} "

@@ -1,64 +1,61 @@
-# A checkpoint: the dominant layer (first activation-outlier layer) is only known once this has run.
-checkpoint probe_outliers:
+# The outlier probe: the dominant layer (first activation-outlier layer). A plain rule, not a checkpoint: the
+# DAG's shape does not depend on its output (the dominant methods' jobs read the layer from probe.json when
+# they run), so nothing waits on it to plan.
+rule probe_outliers:
     output:
-        json=f"{RESULTS}/probe/{{model}}/probe.json",
-        png=report(f"{RESULTS}/probe/{{model}}/activation_profile.png",
-                   caption="../report/probe.rst", category="Probe"),
+        json=L.probe("{model}"),
+        png=report(L.probe("{model}", "probe_png"), caption="../report/probe.rst", category="Probe"),
     input:
         model=rules.download_model.output,
-        code=src("probe", "models"),
+        code=code("probe"),
     params:
         # a string, not the config dict: a dict's key order would count as a change of parameters
-        probe=lambda w: " ".join(f"--{k.replace('_', '-')} {config['probe'][k]}"
-                                 for k in ("abs_threshold", "ratio_threshold", "n_seqs", "max_len")),
+        probe=lambda w: cli(**{k: config["probe"][k] for k in ("abs_threshold", "ratio_threshold", "n_seqs", "max_len")}),
         runtime=runtime_args(),
     log:
-        f"{RESULTS}/logs/probe_outliers/{{model}}.log",
+        L.log("probe_outliers", "{model}"),
     benchmark:
-        f"{RESULTS}/benchmarks/probe_outliers/{{model}}.tsv"
+        L.benchmark("probe_outliers", "{model}")
     conda:
         "../../envs/train.yaml"
-    threads: config.get("runtime", {}).get("threads") or 1
+    threads: THREADS
     resources:
-        gpu=gpu_count,
-        mem_mb=mem_mb,
-        runtime=runtime_min,
+        **MODEL_RESOURCES,
     shell:
         "python -m dlzo.probe --model {input.model} --out {output.json} --plot {output.png} "
         "{params.probe} {params.runtime} > {log} 2>&1"
+
+
+def profile_args(profile, keys):
+    return cli(**{k: config["probe"][profile][k] for k in keys}, scoring=scoring(profile_task(profile)))
 
 
 # The perturbation-sensitivity profile: per layer, k single-layer ZO perturbations on training batches
 # (inference only). Beside the probe; it reads the probe's JSON only to mark its layer in the figure.
 rule probe_sensitivity:
     output:
-        json=f"{RESULTS}/probe/{{model}}/sensitivity.json",
-        png=report(f"{RESULTS}/probe/{{model}}/sensitivity_profile.png",
-                   caption="../report/sensitivity.rst", category="Probe"),
+        json=L.probe("{model}", "sensitivity"),
+        png=report(L.probe("{model}", "sensitivity_png"), caption="../report/sensitivity.rst", category="Probe"),
     input:
         model=rules.download_model.output,
-        train=lambda w: f"{RESULTS}/data/{sensitivity_task()}/train.jsonl",
+        train=lambda w: L.data(profile_task("sensitivity"), "train"),
         probe=rules.probe_outliers.output.json,
-        code=src("probe", "objectives", "zo", "models", "tasks", "train"),
+        code=code("profiles"),
     params:
-        task=lambda w: sensitivity_task(),
-        args=lambda w: " ".join(f"--{k.replace('_', '-')} {config['probe']['sensitivity'][k]}"
-                                for k in ("k", "batches", "batch_size", "eps", "max_len", "seed"))
-        + scoring_args(sensitivity_task()),
+        task=lambda w: profile_task("sensitivity"),
+        args=lambda w: profile_args("sensitivity", ("k", "batches", "batch_size", "eps", "max_len", "seed")),
         runtime=runtime_args(),
     log:
-        f"{RESULTS}/logs/probe_sensitivity/{{model}}.log",
+        L.log("probe_sensitivity", "{model}"),
     benchmark:
-        f"{RESULTS}/benchmarks/probe_sensitivity/{{model}}.tsv"
+        L.benchmark("probe_sensitivity", "{model}")
     conda:
         "../../envs/train.yaml"
-    threads: config.get("runtime", {}).get("threads") or 1
+    threads: THREADS
     resources:
-        gpu=gpu_count,
-        mem_mb=mem_mb,
-        runtime=runtime_min,
+        **MODEL_RESOURCES,
     shell:
-        "python -m dlzo.probe sensitivity --model {input.model} --data {input.train} --task {params.task} "
+        "python -m dlzo.profiles sensitivity --model {input.model} --data {input.train} --task {params.task} "
         "--probe {input.probe} --out {output.json} --plot {output.png} {params.args} {params.runtime} "
         "> {log} 2>&1"
 
@@ -68,33 +65,29 @@ rule probe_sensitivity:
 # norm) on one layer axis.
 rule probe_gradnorm:
     output:
-        json=f"{RESULTS}/probe/{{model}}/gradnorm.json",
-        png=report(f"{RESULTS}/probe/{{model}}/layer_predictors.png",
-                   caption="../report/layer_predictors.rst", category="Probe"),
+        json=L.probe("{model}", "gradnorm"),
+        png=report(L.probe("{model}", "predictors_png"), caption="../report/layer_predictors.rst",
+                   category="Probe"),
     input:
         model=rules.download_model.output,
-        train=lambda w: f"{RESULTS}/data/{gradnorm_task()}/train.jsonl",
+        train=lambda w: L.data(profile_task("gradnorm"), "train"),
         probe=rules.probe_outliers.output.json,
         sensitivity=rules.probe_sensitivity.output.json,
-        code=src("probe", "objectives", "models", "tasks", "train"),
+        code=code("profiles"),
     params:
-        task=lambda w: gradnorm_task(),
-        args=lambda w: " ".join(f"--{k.replace('_', '-')} {config['probe']['gradnorm'][k]}"
-                                for k in ("batches", "batch_size", "max_len", "seed"))
-        + scoring_args(gradnorm_task()),
+        task=lambda w: profile_task("gradnorm"),
+        args=lambda w: profile_args("gradnorm", ("batches", "batch_size", "max_len", "seed")),
         runtime=runtime_args(),
     log:
-        f"{RESULTS}/logs/probe_gradnorm/{{model}}.log",
+        L.log("probe_gradnorm", "{model}"),
     benchmark:
-        f"{RESULTS}/benchmarks/probe_gradnorm/{{model}}.tsv"
+        L.benchmark("probe_gradnorm", "{model}")
     conda:
         "../../envs/train.yaml"
-    threads: config.get("runtime", {}).get("threads") or 1
+    threads: THREADS
     resources:
-        gpu=gpu_count,
-        mem_mb=mem_mb,
-        runtime=runtime_min,
+        **MODEL_RESOURCES,
     shell:
-        "python -m dlzo.probe gradnorm --model {input.model} --data {input.train} --task {params.task} "
+        "python -m dlzo.profiles gradnorm --model {input.model} --data {input.train} --task {params.task} "
         "--probe {input.probe} --sensitivity {input.sensitivity} --out {output.json} --plot {output.png} "
         "{params.args} {params.runtime} > {log} 2>&1"

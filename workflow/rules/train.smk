@@ -1,40 +1,37 @@
+# One training job per run of the run table (common.smk): a method's run folder, or a grid point's
+# <method>@lr<lr>[_eps<eps>], whose lr and eps the table holds.
 rule zo_train:
     output:
-        log=f"{RESULTS}/train/{{model}}/{{task}}/{{method}}/seed{{seed}}/log.json",
-        tuned=f"{RESULTS}/train/{{model}}/{{task}}/{{method}}/seed{{seed}}/tuned.safetensors",
-        trajectory=f"{RESULTS}/train/{{model}}/{{task}}/{{method}}/seed{{seed}}/trajectory.jsonl",
+        log=L.train_log("{model}", "{task}", "{method}", "{seed}"),
+        tuned=L.path("tuned", model="{model}", task="{task}", run="{method}", seed="{seed}"),
+        trajectory=L.path("trajectory", model="{model}", task="{task}", run="{method}", seed="{seed}"),
     input:
         model=rules.download_model.output,
         train=rules.prepare_data.output.train,
         dev=rules.prepare_data.output.dev,
         probe=probe_input,
-        # a grid method's other seeds train at the point its first seed chose on dev
-        selection=lambda w: [selection_path(w.model, w.task, w.method)]
-        if hyper_grid(w.method) and "@" not in w.method else [],
-        code=src("train", "zo", "objectives", "models", "tasks"),
+        # a grid method's other seeds train at the point its first seed chose on dev (read when the job runs)
+        selection=train_selection,
+        code=code("train"),
     params:
-        method=lambda w: base_method(w.method),  # a grid point's folder is <method>@lr<lr>[_eps<eps>]
+        method=lambda w: run_of(w).method,
         args=train_args,
-        # read when the job runs (an assignment of its own, so a failure stops the job): --lr and --eps
-        hyper=lambda w, input: f"$(python -m dlzo.select args {input.selection})" if input.selection else '""',
+        selection=lambda w, input: cli(selection=input.selection[0] if input.selection else None),
+        probe=lambda w, input: cli(probe=input.probe[0] if input.probe else None),
         runtime=runtime_args(),
-        probe=lambda w, input: f"--probe {input.probe}" if input.probe else "",
     log:
-        f"{RESULTS}/logs/zo_train/{{model}}/{{task}}/{{method}}/seed{{seed}}.log",
+        L.log("zo_train", "{model}/{task}/{method}/seed{seed}"),
     benchmark:
-        f"{RESULTS}/benchmarks/zo_train/{{model}}/{{task}}/{{method}}/seed{{seed}}.tsv"
+        L.train_benchmark("{model}", "{task}", "{method}", "{seed}")
     conda:
         "../../envs/train.yaml"
-    threads: config.get("runtime", {}).get("threads") or 1
+    threads: THREADS
     resources:
-        gpu=gpu_count,
-        mem_mb=mem_mb,
-        runtime=runtime_min,
+        **MODEL_RESOURCES,
     shell:
-        "HYPER={params.hyper}; "
         "python -m dlzo.train --model {input.model} --model-name {wildcards.model} "
         "--data $(dirname {input.train}) --task {wildcards.task} --method {params.method} "
-        "--seed {wildcards.seed} --out $(dirname {output.log}) {params.probe} {params.args} $HYPER "
+        "--seed {wildcards.seed} --out $(dirname {output.log}) {params.probe} {params.args} {params.selection} "
         "{params.runtime} > {log} 2>&1"
 
 
@@ -44,16 +41,15 @@ rule zo_train:
 # not rerun by Snakemake 9, so adding a task would plan nothing).
 rule select_hyper:
     output:
-        f"{RESULTS}/train/{{model}}/{{task}}/{{method}}/hyper_selection.json",
+        L.selection("{model}", "{task}", "{method}"),
     input:
-        logs=lambda w: [f"{RESULTS}/train/{w.model}/{w.task}/{run}/seed{method_seeds(w.method)[0]}/log.json"
-                        for run in grid_runs(w.model, w.task, w.method)],
-        code=src("select"),
+        logs=grid_logs,
+        code=code("select"),
     wildcard_constraints:
         method="[^/@]+",
     log:
-        f"{RESULTS}/logs/select_hyper/{{model}}/{{task}}/{{method}}.log",
+        L.log("select_hyper", "{model}/{task}/{method}"),
     conda:
-        "../../envs/train.yaml"
+        "../../envs/tables.yaml"
     shell:
         "python -m dlzo.select --logs {input.logs} --out {output} > {log} 2>&1"
