@@ -1,5 +1,6 @@
 # dlzo: Dominant-Layer zeroth-order fine-tuning, end to end.
 #   download_model -> prepare_data -> probe_outliers (the dominant layer) -> probe_sensitivity, probe_gradnorm
+#   (plot_probe, plot_sensitivity, plot_predictors: their figures)
 #   -> zo_train (mezo-full, lora-zo, layer-<i> sweep, dominant, dominant-lora) -> evaluate (lm-eval)
 #   -> tables (accuracy, speedup and paper tables; layer-sweep and loss figures)
 # Run: snakemake --cores 2 --configfile workflow/configs/demo.yaml   (see README.md)
@@ -37,6 +38,9 @@ localrules:
     download_model,
     prepare_data,
     select_hyper,
+    plot_probe,
+    plot_sensitivity,
+    plot_predictors,
     tables,
 
 

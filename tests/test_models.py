@@ -8,7 +8,7 @@ from torch import nn
 
 from dlzo import DLZOError
 from dlzo.download import download, parse_source
-from dlzo.models import build_tiny, decoder_layers, load_model, load_tokenizer, parse_method, tuned_parameters
+from dlzo.models import build_tiny, decoder_layers, load_model, load_tokenizer, tuned_parameters
 from dlzo.objectives import encode_pair, loss, make_batch, sequence_scores
 
 from conftest import SMOLLM2
@@ -71,20 +71,6 @@ def test_generic_layer_search_and_unsupported_model():
     assert len(decoder_layers(Odd())) == 5
     with pytest.raises(DLZOError, match="cannot locate the decoder layers"):
         decoder_layers(nn.Sequential(nn.Linear(2, 2), nn.ReLU()))
-
-
-def test_method_names():
-    assert parse_method("layer-12") == ("layer", 12)
-    assert parse_method("layer-3-lora") == ("layer-lora", 3)
-    assert parse_method("dominant") == ("dominant", None)
-    assert parse_method("fo-adamw") == ("fo-full", None)
-    assert parse_method("fo-layer-7") == ("fo-layer", 7)
-    assert parse_method("sparse-mezo") == ("sparse-mezo", None)
-    for bad in ("fo-layer", "fo-layer-1-lora", "sparse"):
-        with pytest.raises(DLZOError, match="unknown method"):
-            parse_method(bad)
-    with pytest.raises(DLZOError, match="unknown method"):
-        parse_method("layer12")
 
 
 def test_candidate_loss_equals_hand_computation(tiny_model):

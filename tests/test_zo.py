@@ -87,6 +87,63 @@ def test_projected_gradient_is_directional_derivative():
     assert g == pytest.approx(expected, rel=1e-5)
 
 
+def test_draw_is_the_z_of_the_step():
+    """draw(step): per tuned tensor, the z that step perturbs with (one generator seeded with step_seed)."""
+    model, _ = quad_model()
+    opt = ZOSGD(model.parameters(), lr=0.0, eps=1e-3, seed=11)
+    assert [id(p) for p in opt.tensors()] == [id(p) for p in model.parameters()]
+    for step in (0, 3):
+        gen = torch.Generator().manual_seed(step_seed(11, step))
+        expected = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in model.parameters()]
+        assert all(torch.equal(z, e) for z, e in zip(opt.draw(step), expected))
+
+
+@pytest.mark.parametrize("restore", ["mezo", "exact", "fused"])
+def test_projected_gradient_is_the_step_without_the_update(restore):
+    """projected_gradient(closure, step=j) evaluates exactly what step j does, updates nothing, records nothing
+    and leaves theta as it came (exact: bit for bit)."""
+    model, loss = quad_model()
+    twin, twin_loss = quad_model()
+    before = snapshot(model)
+    probe = ZOSGD(param_groups(model.named_parameters(), 0.01), lr=1e-2, eps=1e-3, weight_decay=0.01, seed=6,
+                  restore=restore)
+    got = [probe.projected_gradient(loss, step=j) for j in range(3)]
+    assert probe.steps_done == 0 and probe.trajectory == []
+    for n, p in model.named_parameters():
+        if restore == "exact":
+            assert torch.equal(p, before[n]), n
+        else:
+            torch.testing.assert_close(p, before[n], rtol=0, atol=1e-6)
+    # the (L+, L-, g) that training step j sees at the same parameters (lr 0: they stay put); the in-place
+    # restores perturb out of place or in place, so only the exact one matches to the bit
+    opt = ZOSGD(param_groups(twin.named_parameters(), 0.01), lr=0.0, eps=1e-3, weight_decay=0.01, seed=6,
+                restore="exact")
+    for j in range(3):
+        assert opt.projected_gradient(twin_loss) == opt.projected_gradient(twin_loss, step=j)  # default: next step
+        g = opt.step(twin_loss)
+        seen = (opt.trajectory[-1]["loss_plus"], opt.trajectory[-1]["loss_minus"], g)
+        assert seen == got[j] if restore == "exact" else seen == pytest.approx(got[j], rel=1e-4)
+
+
+def test_projected_gradient_exact_restores_after_an_error():
+    model, loss = quad_model()
+    before = snapshot(model)
+    opt = ZOSGD(model.parameters(), lr=1e-2, eps=1e-1, restore="exact")
+    calls = []
+
+    def fail_second():
+        calls.append(1)
+        if len(calls) == 2:  # theta is at theta - eps*z now
+            raise RuntimeError("boom")
+        return loss()
+    with pytest.raises(RuntimeError, match="boom"):
+        opt.projected_gradient(fail_second)
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+    with pytest.raises(ValueError, match="closure"):
+        opt.projected_gradient()
+
+
 def test_weight_decay_skips_bias_and_norm():
     model, loss = quad_model()
     groups = param_groups(model.named_parameters(), 0.1)
@@ -195,7 +252,8 @@ def test_masked_groups_draw_the_same_z_and_move_only_the_mask(restore):
     masks = {id(p): m for g in groups for p, m in zip(g["params"], g["masks"])}
     plain = ZOSGD(param_groups(named, 0.1), lr=1e-2, eps=1e-3, weight_decay=0.1, seed=9, restore=restore)
     opt = ZOSGD(groups, lr=1e-2, eps=1e-3, weight_decay=0.1, seed=9, restore=restore)
-    for (_, p, z_plain, _), (_, q, z, m) in zip(plain._draw(step_seed(9, 0)), opt._draw(step_seed(9, 0))):
+    for p, q, z_plain, z in zip(plain.tensors(), opt.tensors(), plain.draw(0), opt.draw(0)):
+        m = masks[id(q)]
         assert p is q and torch.equal(z, z_plain * m)
         assert torch.equal(z != 0, m)  # exactly the masked weights are perturbed
     before = snapshot(model)

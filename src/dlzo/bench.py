@@ -60,6 +60,7 @@ MODES = ("inference", "mezo_faithful_full", "full", "layer", "layer_paired", "fl
 MEMORY_ROWS = {"inference": "inference", "mezo-full": "mezo_full", "mezo-full-fused": "full",
                "sparse-mezo": "sparse_mezo", "fo-adamw": "fo_full"}
 MEMORY_LAYER_ROWS = {"layer-{}": "layer", "fo-layer-{}": "fo_layer"}
+FO_MODES = {"fo_full": "fo-full", "fo_layer": "fo-layer"}  # first-order modes -> the method kind they step
 
 
 def _batch(tokenizer_vocab: int, n: int, t: int, device, seed: int = 0):
@@ -83,18 +84,18 @@ def _worker(mode: str, model_dir: str, layer: int, shape: tuple[int, int], devic
             threads: int | None, sparsity: float, conn) -> None:
     """One mode in its own process (its peak memory is its own): set up, say "ready", then time one step
     per "step" message; on "stop", report peak memory and what was tuned."""
-    from dlzo.models import load_model
-    from dlzo.objectives import FrozenPrefix, loss, paired_loss
+    from dlzo.models import load_model, tuned_parameters
+    from dlzo.tuning import amp_context, weights_dtype, zo_optimizer
+    from dlzo.objectives import FrozenPrefix, loss
     from dlzo.runtime import peak_memory_mb, pick_device, set_threads
-    from dlzo.train import amp_context, weights_dtype
-    from dlzo.zo import ZOSGD, param_groups
+    from dlzo.train import fo_step, zo_step
+    from dlzo.zo import param_groups
 
     set_threads(threads)
     device = pick_device(device_name)
-    fo = mode.startswith("fo_")
-    kind = {"fo_full": "fo-full", "fo_layer": "fo-layer"}.get(mode, "mezo-full")
-    dtype = weights_dtype(dtype_name, device, kind)
-    amp_name, amp = amp_context("auto", device, kind)
+    fo = mode in FO_MODES
+    dtype = weights_dtype(dtype_name, device, fo)
+    amp_name, amp = amp_context("auto", device, fo)
     base_mb = peak_memory_mb(device)  # the runtime before any model: every mode pays it alike
     model = load_model(model_dir, device, dtype)
     batch = _batch(model.config.vocab_size, *shape, device)
@@ -122,9 +123,8 @@ def _worker(mode: str, model_dir: str, layer: int, shape: tuple[int, int], devic
         def run():
             batch.memo.clear()
             return loss(model, batch, prefix), loss(model, batch, prefix)
-    elif fo:  # as dlzo.train's first-order loop: forward (autocast on GPU), backward, clip, AdamW
-        named = (list(model.named_parameters()) if mode == "fo_full"
-                 else list(prefix.layers[layer].named_parameters()))
+    elif fo:  # dlzo.train's first-order step: forward (autocast on GPU), backward, clip, AdamW
+        named = tuned_parameters(model, FO_MODES[mode], layer)
         params = [p for _, p in named]
         for p in params:
             p.requires_grad_(True)
@@ -134,34 +134,24 @@ def _worker(mode: str, model_dir: str, layer: int, shape: tuple[int, int], devic
         def run():
             batch.memo.clear()
             with torch.enable_grad():
-                with amp():
-                    value = loss(model, batch, prefix)
-                value.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            return value.item()
-    else:
+                return fo_step(model, batch, prefix, opt, params, 1.0, amp)[0]
+    else:  # dlzo.train's ZO step, except MeZO's own (its loss through the full logits)
         if mode in ("layer", "layer_paired"):
-            params = list(prefix.layers[layer].parameters())
-            tuned = sum(p.numel() for p in params)
-            opt = ZOSGD(params, lr=1e-6, eps=1e-3, seed=0, restore="exact")
-            closure = lambda: loss(model, batch, prefix)  # noqa: E731
-        elif mode == "sparse_mezo":
-            opt = ZOSGD(param_groups(model.named_parameters(), 0.0, sparsity), lr=1e-6, eps=1e-3, seed=0,
-                        restore="mezo")
-            tuned = sum(int(m.sum()) for g in opt.param_groups for m in g["masks"])
-            closure = lambda: loss(model, batch)  # noqa: E731
+            named, restore = list(prefix.layers[layer].named_parameters()), "exact"
         else:
-            opt = ZOSGD(model.parameters(), lr=1e-6, eps=1e-3, seed=0,
-                        restore="mezo" if mode in ("mezo_faithful_full", "mezo_full") else "fused")
-            closure = full_logits_loss if mode == "mezo_faithful_full" else (lambda: loss(model, batch))
+            named = list(model.named_parameters())
+            restore = "mezo" if mode in ("mezo_faithful_full", "mezo_full", "sparse_mezo") else "fused"
+        opt = zo_optimizer(named, 1e-6, 1e-3, 0.0, 0, restore, sparsity if mode == "sparse_mezo" else None)
+        if mode == "sparse_mezo":
+            tuned = sum(int(m.sum()) for g in opt.param_groups for m in g["masks"])
+        elif prefix is not None:
+            tuned = sum(p.numel() for _, p in named)
 
         def run():
             batch.memo.clear()
-            if mode == "layer_paired":
-                return opt.step(pair_closure=lambda up, down: paired_loss(batch, prefix, up, down))
-            return opt.step(closure)
+            if mode == "mezo_faithful_full":
+                return opt.step(full_logits_loss)
+            return zo_step(opt, model, batch, prefix, mode == "layer_paired")
     conn.send("ready")
     with torch.no_grad():
         while conn.recv() == "step":  # the first step is warm-up (and allocates AdamW's states)
@@ -291,7 +281,7 @@ def scoring_bench(model_dir: str, data: str, task: str, batch_size: int, max_len
     from dlzo.runtime import pick_device, set_threads
     from dlzo.tasks import get_task
     from dlzo.objectives import batch_indices
-    from dlzo.train import weights_dtype
+    from dlzo.tuning import weights_dtype
 
     set_threads(threads)
     dev = pick_device(device)
@@ -299,7 +289,7 @@ def scoring_bench(model_dir: str, data: str, task: str, batch_size: int, max_len
     if spec.objective != "candidates":
         raise DLZOError(f"--scoring: task {task} has objective {spec.objective!r}: nothing is scored by candidates")
     rows = read_jsonl(Path(data) / "train.jsonl")
-    model = load_model(model_dir, dev, weights_dtype(dtype, dev, "mezo-full"))
+    model = load_model(model_dir, dev, weights_dtype(dtype, dev, fo=False))
     tok = load_tokenizer(model_dir)
     modes = {"per-sequence": False, "shared-prompt": True}
     times = {m: [] for m in modes}

@@ -344,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", required=True, help="base model folder (config.json, weights, tokenizer)")
     p.add_argument("--data", required=True, help="prepared task folder holding test.jsonl (and meta.json)")
     p.add_argument("--task", required=True)
-    p.add_argument("--run", help="training run folder: evaluate the tuned model (dlzo.models.load_tuned_model)")
+    p.add_argument("--run", help="training run folder: evaluate the tuned model (dlzo.tuning.load_tuned_model)")
     p.add_argument("--selection", help="instead of --run: a grid's hyper_selection.json, whose chosen point's run "
                                        "folder is evaluated")
     p.add_argument("--out", required=True, help="result JSON")
@@ -379,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         args.run = chosen_point(args.selection)["run"]
     tokenizer = load_tokenizer(args.model)
     if args.run:
-        from dlzo.train import load_tuned_model
+        from dlzo.tuning import load_tuned_model
 
         model = load_tuned_model(args.model, args.run, device, dtype)
     else:

@@ -133,6 +133,14 @@ def is_sweep(name: str) -> bool:
     return bool(re.fullmatch(r"layer-\d+", name))
 
 
+def is_dominant(name: str) -> bool:
+    """Whether a table's method row is a dominant-layer method (its layer comes from the probe or the pin)."""
+    try:
+        return parse_method(name).is_dominant
+    except DLZOError:
+        return False
+
+
 def tunes_one_layer(name: str) -> bool:
     """Whether a table's method row tunes one layer (the sweep figure draws these at their layer, not as lines)."""
     try:

@@ -1,4 +1,6 @@
-"""Loading models, finding their decoder layers, and choosing which parameters a method tunes."""
+"""Loading models and tokenizers, finding their decoder layers, choosing which parameters a method tunes, and
+the tiny random models the tests build. What a training run builds on top (its tuned model, optimizer and
+precision) is ``dlzo.tuning``: the probe stages, which import this module, do not depend on it."""
 from __future__ import annotations
 
 from pathlib import Path

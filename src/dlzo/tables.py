@@ -32,7 +32,7 @@ import pandas as pd
 from dlzo import DLZOError
 from dlzo.io import atomic_path, read_json, write_json
 from dlzo.layout import parse, parse_eval
-from dlzo.methods import BEST_LAYER, is_sweep, method_key, order_methods, sweep_layer
+from dlzo.methods import BEST_LAYER, is_dominant, is_sweep, method_key, order_methods, sweep_layer
 from dlzo.render import Table, to_html, to_latex, to_markdown
 from dlzo.runtime import provenance
 
@@ -352,7 +352,7 @@ def _x(v) -> str:
 
 def _method_label(method: str, runs: pd.DataFrame, model: str) -> str:
     """dominant rows say which layer they tuned and whether the probe picked it or the config pinned it."""
-    if method in ("dominant", "dominant-lora"):
+    if is_dominant(method):
         sel = runs[(runs["model"] == model) & (runs["method"] == method)].dropna(subset=["layer"])
         if not sel.empty:
             layers = "/".join(str(int(x)) for x in sorted(sel["layer"].unique()))
@@ -411,7 +411,7 @@ def accuracy_tables(acc: pd.DataFrame, runs: pd.DataFrame, evals: pd.DataFrame) 
                 r = r.iloc[0]
                 cell = f"{r['mean']:.1f}" + (f" ± {r['std']:.1f}" if r["n_seeds"] > 1 else "")
                 if isinstance(r["chosen"], str):
-                    cell += f" (L{r['chosen'].replace('layer-', '').replace('/layer-', '/')})"
+                    cell += f" (L{'/'.join(str(sweep_layer(c)) for c in r['chosen'].split('/'))})"
                 cells.append(cell)
             seeded = m[m["task"] != "avg"]
             is_seedless = evals[(evals["model"] == model) & (evals["method"] == method)]["seed"].isna().all() \
@@ -462,7 +462,7 @@ def speedup_tables(sp: pd.DataFrame) -> tuple[list[Table], list[str]]:
         rows = []
         for method in order_methods(sub["method"]):
             r = sub[sub["method"] == method].iloc[0]
-            label = method + (f" (layer {int(r['layer'])})" if method.startswith("dominant")
+            label = method + (f" (layer {int(r['layer'])})" if is_dominant(method)
                               and not math.isnan(_num(r["layer"])) else "")
             row = [label, _f(r["tuned_params"], ",.0f"), _f(r["s_per_step"], ".3f"), _f(r["forward_s"], ".3f"),
                    _f(r["perturb_s"], ".4f"), _f(r["update_s"], ".4f"), _f(r["train_s"], ".1f"),

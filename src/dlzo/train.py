@@ -6,6 +6,12 @@ layer), ``layer-<i>-lora`` / ``dominant-lora`` (LoRA inside one layer), ``sparse
 smallest-magnitude weights of every tensor: a fixed mask, ``--sparsity`` = the fraction left frozen).
 First-order baselines (backpropagation, ``torch.optim.AdamW``): ``fo-adamw`` (every parameter) and
 ``fo-layer-<i>`` (only decoder layer i requires grad); fp32 master weights, bf16 autocast on GPU.
+The learning rate and eps are ``--lr``/``--eps``, or a grid's chosen point (``--selection``).
+
+The code, top down: ``RunSpec`` is the run resolved once from the arguments (frozen: the method's kind
+and layer, the steps, every 'auto'); ``Run`` holds what lives (data, model, tuned tensors, batches, dev
+loss, outputs); ``fit`` is the one training loop (batch, step, record, dev checkpoint, stop on a signal)
+and drives a ``ZOStepper`` or an ``FOStepper``, which own their optimizer, resume state and checkpoints.
 
 Outputs in ``--out`` (a run folder):
   trajectory.jsonl   header line, then one line per step. ZO: (seed, g, lr, losses), and replaying it
@@ -19,20 +25,22 @@ this process before anything of training exists: the model loaded, one no-grad f
 training batch (CPU peak RSS only grows, so it must come first; on GPU the peak is reset after it).
 ``peak_memory_mb`` is taken when the training loop ends, before the best checkpoint is rebuilt or saved.
 
-Resume: ZO runs grow ``trajectory.partial.jsonl``; a rerun after an interruption (preemption, SIGTERM)
-replays it and continues. FO runs, on SIGTERM/SIGINT, finish the step and save weights and AdamW state
-to ``fo_state.partial.pt`` (the best checkpoint so far is in ``best.partial.safetensors``); a rerun loads
-them and continues. Either way the result is bit-identical to an uninterrupted run on CPU. An FO run
-killed without a signal (SIGKILL, out of memory) starts over.
+Resume: ZO runs grow ``trajectory.partial.jsonl`` (and the dev curve in ``log.partial.json``); a rerun
+after an interruption (preemption, SIGTERM) replays it and continues. FO runs, on SIGTERM/SIGINT, finish
+the step and save weights and AdamW state to ``fo_state.partial.pt`` (the best checkpoint so far is in
+``best.partial.safetensors``); a rerun loads them and continues. Either way the result is bit-identical
+to an uninterrupted run on CPU, and a signal ends the process with 128 + its number. An FO run killed
+without a signal (SIGKILL, out of memory) starts over.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import hashlib
-import os
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -44,65 +52,131 @@ from tqdm import tqdm
 
 from dlzo import DLZOError
 from dlzo.io import atomic_path, read_json, read_jsonl, write_json
-from dlzo.methods import parse_method, resolve_layer
-from dlzo.models import add_lora, check_layer, load_model, load_tokenizer, tuned_parameters
+from dlzo.methods import Method, parse_method, resolve_layer
+from dlzo.models import load_tokenizer
+from dlzo.tuning import LORA_TARGETS, amp_context, build, weights_dtype, zo_optimizer
 from dlzo.objectives import FrozenPrefix, batch_indices, make_batch, measure_inference, paired_loss
 from dlzo.objectives import loss as objective_loss
-from dlzo.runtime import add_runtime_args, peak_memory_mb, pick_device, pick_dtype, provenance, set_threads
-from dlzo.zo import NonFiniteLoss, ZOSGD, param_groups
+from dlzo.runtime import add_runtime_args, peak_memory_mb, pick_device, provenance, set_threads
+from dlzo.zo import NonFiniteLoss, param_groups
 
-LORA_TARGETS = ["q_proj", "v_proj"]
-FO_KINDS = ("fo-full", "fo-layer")
-SINGLE_LAYER_KINDS = ("layer", "layer-lora", "fo-layer")
-
-
-def resolve_method(method: str, probe_path: str | None, pinned: int | None, model_name: str):
-    """(kind, layer, how): kind in mezo-full, sparse-mezo, lora-zo, layer, layer-lora, fo-full, fo-layer."""
-    m = parse_method(method)
-    layer, how = resolve_layer(m, probe_path, pinned, model_name)
-    return m.kind, layer, how
-
-
-def weights_dtype(requested: str, device: torch.device, kind: str) -> torch.dtype:
-    """ZO: the runtime's choice (fp16 on GPU). FO: fp32 master weights unless bf16 is asked for (AdamW's
-    steps fall below half precision's resolution); fp16 is refused (AdamW without loss scaling)."""
-    if kind not in FO_KINDS:
-        return pick_dtype(requested, device)
-    dtype = pick_dtype(requested, device, gpu_default="fp32")
-    if dtype == torch.float16:
-        raise DLZOError("first-order methods need fp32 (auto) or bf16 weights, not fp16 (AdamW without loss "
-                        "scaling): set runtime.dtype (--dtype) to auto, fp32 or bf16")
-    return dtype
+DEFAULT_LR, DEFAULT_EPS = 1e-6, 1e-3
+# the run's config in the trajectory header; its hash decides whether a partial run resumes (keep the keys)
+HASHED = ("model", "data", "task", "method", "seed", "steps", "lr", "eps", "weight_decay", "batch_size", "lora_r",
+          "lora_alpha", "max_len", "restore", "prefix_cache", "paired_suffix", "dtype", "sparsity", "amp",
+          "max_grad_norm")
+# taken from the arguments as they are
+ASKED = ("model", "model_name", "data", "task", "seed", "out", "epochs", "weight_decay", "batch_size",
+         "dev_eval_size", "eval_batch_size", "max_len", "lora_r", "lora_alpha", "scoring", "sparsity", "dtype",
+         "max_grad_norm", "on_nonfinite", "save_tuned")
 
 
-def amp_context(amp: str, device: torch.device, kind: str):
-    """(name, context factory): bf16 autocast for FO on GPU (the paper's FO precision); ZO never autocasts."""
-    if amp == "auto":
-        amp = "bf16" if kind in FO_KINDS and device.type == "cuda" else "off"
-    if amp == "off":
-        return amp, contextlib.nullcontext
-    if kind not in FO_KINDS:
-        raise DLZOError(f"--amp {amp} is for the first-order methods; ZO methods compute in --dtype")
-    return amp, lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    """One run, resolved once from the parsed arguments and never changed: the method and its layer, the
+    steps (``--epochs``), the eval period, lr and eps (``--selection``), and each 'auto' decided."""
+    asked: dict              # the parsed arguments (provenance)
+    method: Method
+    layer: int | None
+    layer_from: str | None   # 'method name', 'pinned', 'probe' or None
+    device: torch.device
+    torch_dtype: torch.dtype  # the weights' (``dtype`` is what was asked: hashed)
+    n_train: int
+    steps: int
+    eval_every: int
+    lr: float
+    eps: float
+    restore: str | None      # ZO: mezo, exact or fused; FO: None
+    amp: str
+    prefix_cache: str
+    paired_suffix: str
+    model: str
+    model_name: str
+    data: str
+    task: str
+    seed: int
+    out: str
+    epochs: int | None
+    weight_decay: float
+    batch_size: int
+    dev_eval_size: int
+    eval_batch_size: int
+    max_len: int
+    lora_r: int
+    lora_alpha: int
+    scoring: str
+    sparsity: float
+    dtype: str
+    max_grad_norm: float
+    on_nonfinite: str
+    save_tuned: str
 
+    @classmethod
+    def resolve(cls, args, device: torch.device, n_train: int) -> RunSpec:
+        """Everything but the prefix cache's and paired suffix's 'auto' (``with_model`` decides those)."""
+        method = parse_method(args.method)
+        layer, how = resolve_layer(method, args.probe, args.layer, args.model_name)
+        dtype = weights_dtype(args.dtype, device, method.is_fo)
+        amp, _ = amp_context(args.amp, device, method.is_fo)
+        if method.is_fo and args.save_tuned == "replay":
+            raise DLZOError(f"--save-tuned replay: {args.method} is first-order, its steps cannot be replayed")
+        if args.prefix_cache not in ("auto", "off") and not method.is_single_layer:
+            raise DLZOError(f"--prefix-cache {args.prefix_cache} needs a single-layer method, not {args.method}")
+        per_epoch = max(1, n_train // min(args.batch_size, n_train))
+        if method.is_fo:
+            restore = None
+        elif args.restore == "auto":  # MeZO's own restore for the whole-model methods, bit-exact for the others
+            restore = "exact" if method.is_lora or method.is_single_layer else "mezo"
+        else:
+            restore = args.restore
+        lr, eps = args.lr, args.eps
+        if args.selection:
+            from dlzo.select import chosen_point
 
-def zo_optimizer(named, kind: str, lr: float, eps: float, weight_decay: float, seed: int, restore: str,
-                 sparsity: float | None = None) -> ZOSGD:
-    """The run's ZO-SGD: the same for training, rebuilding the best checkpoint and evaluation's replay."""
-    masks_at = sparsity if kind == "sparse-mezo" else None
-    return ZOSGD(param_groups(named, weight_decay, masks_at), lr=lr, eps=eps, weight_decay=weight_decay,
-                 seed=seed, restore=restore)
+            point = chosen_point(args.selection)
+            lr, eps = point["lr"], point["eps"] if point["eps"] is not None else DEFAULT_EPS
+        return cls(asked=dict(vars(args)), method=method, layer=layer, layer_from=how, device=device,
+                   torch_dtype=dtype, n_train=n_train, steps=args.epochs * per_epoch if args.epochs else args.steps,
+                   eval_every=args.eval_every or per_epoch, lr=lr, eps=eps, restore=restore, amp=amp,
+                   prefix_cache=args.prefix_cache, paired_suffix=args.paired_suffix,
+                   **{k: getattr(args, k) for k in ASKED})
 
+    def with_model(self, model) -> RunSpec:
+        """The spec with the prefix cache's and paired suffix's 'auto' decided on the built model."""
+        prefix, paired, fo = self.prefix_cache, self.paired_suffix, self.method.is_fo
+        if prefix == "auto":
+            single = self.method.is_single_layer and not FrozenPrefix.supported(model, self.layer)
+            prefix = "dataset" if single else "off"
+        if paired == "auto":
+            paired = "on" if prefix != "off" and self.device.type == "cuda" and not fo else "off"
+        if paired == "on" and (prefix == "off" or fo):
+            raise DLZOError(f"--paired-suffix on needs a zeroth-order single-layer method with a prefix cache "
+                            f"(--prefix-cache dataset or batch), not {self.method.name} with --prefix-cache {prefix}")
+        return dataclasses.replace(self, prefix_cache=prefix, paired_suffix=paired)
 
-def build(model_dir, kind: str, layer: int | None, device, dtype, lora_r: int, lora_alpha: int, seed: int,
-          where: str = "--method"):
-    model = load_model(model_dir, device, dtype)
-    if layer is not None:
-        check_layer(layer, model, where)
-    if kind in ("lora-zo", "layer-lora"):
-        model = add_lora(model, layer if kind == "layer-lora" else None, lora_r, lora_alpha, LORA_TARGETS, seed)
-    named = tuned_parameters(model, kind, layer)
-    return model, named
+    @property
+    def bs(self) -> int:
+        """The batch size used: --batch-size, or the training set when smaller."""
+        return min(self.batch_size, self.n_train)
+
+    @property
+    def masks_at(self) -> float | None:
+        """sparse-mezo's frozen fraction (its magnitude masks); None for every other method."""
+        return self.sparsity if self.method.family == "sparse" else None
+
+    def header(self, tuned_params: int) -> dict:
+        """The trajectory's first line: the config and its hash (a partial run resumes only under the same)."""
+        cfg = {k: getattr(self, k) for k in HASHED} | {"method": self.method.name}
+        if self.scoring != "per-sequence":  # only when set: runs from before the option keep their hash (and resume)
+            cfg["scoring"] = self.scoring
+        cfg.update(kind=self.method.kind, layer=self.layer, layer_from=self.layer_from, tuned_params=tuned_params)
+        digest = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return {"header": cfg, "config_hash": digest}
+
+    def config(self) -> dict:
+        """The arguments with the resolved values (log.json's provenance)."""
+        resolved = ("steps", "eval_every", "lr", "eps", "restore", "prefix_cache", "paired_suffix", "amp")
+        return self.asked | {k: getattr(self, k) for k in resolved}
 
 
 def _mean_loss(model, tokenizer, records, objective, device, batch_size, max_len,
@@ -117,8 +191,103 @@ def _mean_loss(model, tokenizer, records, objective, device, batch_size, max_len
     return total / max(n, 1)
 
 
+class Run:
+    """What lives while a run trains: its spec, data, model, tuned tensors, tokenizer and output folder."""
+
+    def __init__(self, args):
+        from dlzo.tasks import get_task
+
+        self.started = time.time()
+        set_threads(args.threads)
+        device = pick_device(args.device)
+        self.task = get_task(args.task)
+        data = Path(args.data)
+        self.train_rows, dev_rows = read_jsonl(data / "train.jsonl"), read_jsonl(data / "dev.jsonl")
+        if not self.train_rows:
+            raise DLZOError(f"{data / 'train.jsonl'} is empty: nothing to train on")
+        spec = RunSpec.resolve(args, device, len(self.train_rows))
+        self.device, self.amp = device, amp_context(spec.amp, device, spec.method.is_fo)[1]
+        self.model, self.named = self.build(spec)
+        self.spec = spec = spec.with_model(self.model)
+        self.tokenizer = load_tokenizer(spec.model)
+        self.n_params = sum(p.numel() for _, p in self.named)
+        for _, p in self.named:
+            p.requires_grad_(False)
+        # first, before any training state exists (optimizer, masks, saved copies, the prefix cache)
+        self.inference_peak_mb = measure_inference(self.model, self.batch(0), device, self.amp)
+        self.out = Path(spec.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.dev_eval = dev_rows[: spec.dev_eval_size] if spec.dev_eval_size else dev_rows
+
+    def build(self, spec: RunSpec | None = None):
+        """(model, tuned named parameters): the base model as the run starts from it."""
+        s = spec or self.spec
+        return build(s.model, s.method.kind, s.layer, s.device, s.torch_dtype, s.lora_r, s.lora_alpha, s.seed)
+
+    def batch(self, step: int):
+        s = self.spec
+        idx = batch_indices(len(self.train_rows), s.bs, s.seed, step)
+        return make_batch(self.tokenizer, [self.train_rows[i] for i in idx], self.task.objective, self.device,
+                          s.max_len, s.scoring == "shared-prompt")
+
+    def dev_loss(self) -> float:
+        s = self.spec
+        if not self.dev_eval:
+            return float("nan")
+        return _mean_loss(self.model, self.tokenizer, self.dev_eval, self.task.objective, self.device,
+                          s.eval_batch_size, s.max_len, self.amp, s.scoring == "shared-prompt")
+
+    def prefix(self):
+        """The frozen-prefix cache of single-layer methods (None for the others, or with --prefix-cache off)."""
+        s, mode = self.spec, self.spec.prefix_cache
+        if mode == "off":
+            return None
+        prefix = FrozenPrefix(self.model, s.layer, mode)
+        if mode == "dataset":  # fixed chunks in file order: the same bits however the run is resumed
+            with self.amp():
+                prefix.fill(make_batch(self.tokenizer, self.train_rows[i:i + s.eval_batch_size], self.task.objective,
+                                       self.device, s.max_len, s.scoring == "shared-prompt")
+                            for i in range(0, len(self.train_rows), s.eval_batch_size))
+        return prefix
+
+    def finish(self, traj: list, hyper: dict, tuned_params: int, timing: dict, best: dict, dev_curve: list,
+               resumed_from: int, step_times: list, train_peak: float) -> dict:
+        """Write trajectory.jsonl and log.json (tuned.safetensors is already in place)."""
+        s, n = self.spec, len(step_times)
+        with atomic_path(self.out / "trajectory.jsonl") as tmp:
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in traj))
+        result = {
+            "model": s.model_name, "task": s.task, "method": s.method.name, "seed": s.seed,
+            "kind": s.method.kind, "layer": s.layer, "layer_from": s.layer_from, "tuned_params": tuned_params,
+            "tensor_params": self.n_params,
+            "lora": {"r": s.lora_r, "alpha": s.lora_alpha, "targets": LORA_TARGETS} if s.method.is_lora else None,
+            "hyper": hyper,
+            "best_step": best["step"], "best_dev_loss": best["dev_loss"],
+            "dev_curve": dev_curve, "train_curve": [{"step": r["step"], "loss": train_loss(r)} for r in traj[1:]],
+            "resumed_from_step": resumed_from,
+            "timing": {
+                "steps_timed": n,
+                "s_per_step": float(np.mean(step_times)) if step_times else None,
+                "s_per_step_median": float(np.median(step_times)) if step_times else None,
+                "train_s": float(np.sum(step_times)),
+                **{f"{k[:-2]}_s_per_step": (v / n if n else None) for k, v in timing.items()},
+            },
+            "peak_memory_mb": train_peak,
+            "inference_peak_mb": self.inference_peak_mb,
+            "peak_memory_vs_inference": train_peak / self.inference_peak_mb if self.inference_peak_mb else None,
+            "provenance": provenance(self.device, s.torch_dtype, self.started, config=s.config(), amp=s.amp),
+        }
+        write_json(self.out / "log.json", result)
+        return result
+
+
+def train_loss(record: dict) -> float:
+    """A step record's training loss (ZO: the mean of its two perturbed losses)."""
+    return record["loss"] if "loss" in record else (record["loss_plus"] + record["loss_minus"]) / 2
+
+
 class _Stop:
-    """SIGTERM/SIGINT (preemption): finish the current step, flush the trajectory, exit non-zero."""
+    """SIGTERM/SIGINT (preemption): noted here; the loop finishes the step, saves and exits 128 + signum."""
 
     def __init__(self):
         self.signal = None
@@ -135,19 +304,83 @@ def _now(device) -> float:
     return time.perf_counter()
 
 
-def _header(args, kind, layer, how, n_params) -> dict:
-    keys = ("model", "data", "task", "method", "seed", "steps", "lr", "eps", "weight_decay", "batch_size",
-            "lora_r", "lora_alpha", "max_len", "restore", "prefix_cache", "paired_suffix", "dtype", "sparsity", "amp",
-            "max_grad_norm")
-    cfg = {k: getattr(args, k) for k in keys}
-    if args.scoring != "per-sequence":  # only when set: runs from before the option keep their hash (and resume)
-        cfg["scoring"] = args.scoring
-    cfg.update(kind=kind, layer=layer, layer_from=how, tuned_params=n_params)
-    digest = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    return {"header": cfg, "config_hash": digest}
+def train(args) -> dict:
+    run = Run(args)
+    return fit(run, (FOStepper if run.spec.method.is_fo else ZOStepper)(run))
 
 
-def _read_partial(path: Path, header: dict) -> list[dict]:
+def fit(run: Run, stepper) -> dict:
+    """The training loop: batch, step, record, dev checkpoint (the lowest dev loss is the best), stop on a
+    signal; then the outputs. What a step is, how a run resumes and what a checkpoint saves is ``stepper``'s."""
+    s = run.spec
+    start, dev_curve, best = stepper.resume()  # dev_curve starts with step 0, the untrained model's
+    prefix = run.prefix()
+    stop, step_times = _Stop(), []
+    bar = tqdm(range(start, s.steps), desc=f"{s.task} {s.method.name} seed {s.seed}", initial=start, total=s.steps,
+               file=sys.stderr, mininterval=2.0)
+    for step in bar:
+        batch = run.batch(step)
+        t0 = _now(run.device)
+        rec = stepper.step(step, batch, prefix)
+        if rec is None:  # a non-finite loss under --on-nonfinite stop: the run ends at its best checkpoint so far
+            break
+        step_times.append(_now(run.device) - t0)
+        stepper.record(rec)
+        bar.set_postfix(loss=f"{train_loss(rec):.4f}")
+        done = step + 1
+        if done % s.eval_every == 0 or done == s.steps:
+            dev = run.dev_loss()
+            dev_curve.append({"step": done, "dev_loss": dev})
+            is_best = not run.dev_eval or dev < best["dev_loss"]  # no dev split: keep the last state
+            if is_best:
+                best.update(step=done, dev_loss=dev)
+            stepper.checkpoint(done, is_best, dev_curve, best)
+        if stop.signal is not None:
+            saved = stepper.suspend(done, dev_curve, best)
+            print(f"zo_train: signal {stop.signal} after step {done}; {saved}. Rerun to resume.", file=sys.stderr)
+            sys.exit(128 + stop.signal)
+    bar.close()
+    train_peak = peak_memory_mb(run.device)
+    traj, hyper, tuned_params = stepper.finalize(best)
+    result = run.finish(traj, hyper, tuned_params, stepper.timing, best, dev_curve, start, step_times, train_peak)
+    stepper.cleanup()
+    return result
+
+
+def zo_step(opt, model, batch, prefix=None, paired: bool = False) -> float:
+    """One ZO-SGD step on ``batch`` (the projected gradient); ``paired``: both perturbed outputs of the tuned
+    layer through the layers after it as one double batch (needs ``prefix``)."""
+    if paired:
+        return opt.step(pair_closure=lambda up, down: paired_loss(batch, prefix, up, down))
+    return opt.step(lambda: objective_loss(model, batch, prefix))
+
+
+def fo_step(model, batch, prefix, opt, params, max_grad_norm: float, amp=contextlib.nullcontext, step: int = 0,
+            now=time.perf_counter, timing: dict | None = None) -> tuple[float, float | None]:
+    """One first-order step: forward (under ``amp``), backward, clip to ``max_grad_norm`` (0: no clipping),
+    ``opt``'s update, gradients freed. (loss, grad norm or None); seconds added to ``timing``'s
+    forward_s, backward_s and update_s. A non-finite loss is an error, before any update."""
+    t0 = now()
+    with amp():
+        loss = objective_loss(model, batch, prefix)
+    t1 = now()
+    value = loss.item()
+    if not math.isfinite(value):
+        raise DLZOError(f"non-finite training loss at step {step} ({value}): lower the learning rate and rerun")
+    loss.backward()
+    t2 = now()
+    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm) if max_grad_norm > 0 else None
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    t3 = now()
+    del loss
+    if timing is not None:
+        for key, dt in (("forward_s", t1 - t0), ("backward_s", t2 - t1), ("update_s", t3 - t2)):
+            timing[key] += dt
+    return value, float(norm) if norm is not None else None
+
+
+def _read_partial(path: Path, config_hash: str) -> list[dict]:
     """Steps of an interrupted run with the same config; [] when there is none or it does not match."""
     if not path.exists():
         return []
@@ -156,7 +389,7 @@ def _read_partial(path: Path, header: dict) -> list[dict]:
         head = json.loads(lines[0])
     except (IndexError, json.JSONDecodeError):
         return []
-    if head.get("config_hash") != header["config_hash"]:
+    if head.get("config_hash") != config_hash:
         print(f"zo_train: {path} belongs to another config; starting over", file=sys.stderr)
         return []
     steps = []
@@ -168,233 +401,7 @@ def _read_partial(path: Path, header: dict) -> list[dict]:
     return steps
 
 
-class _Run:
-    """What every method's loop shares: data, model, tuned tensors, batches, dev loss, output folder."""
-
-    def __init__(self, args):
-        from dlzo.tasks import get_task
-
-        self.started = time.time()
-        self.args = args
-        set_threads(args.threads)
-        self.device = pick_device(args.device)
-        self.task = get_task(args.task)
-        data = Path(args.data)
-        self.train_rows, self.dev_rows = read_jsonl(data / "train.jsonl"), read_jsonl(data / "dev.jsonl")
-        if not self.train_rows:
-            raise DLZOError(f"{data / 'train.jsonl'} is empty: nothing to train on")
-        self.kind, self.layer, self.how = resolve_method(args.method, args.probe, args.layer, args.model_name)
-        self.fo = self.kind in FO_KINDS
-        self.share_prompt = args.scoring == "shared-prompt"
-        self.dtype = weights_dtype(args.dtype, self.device, self.kind)
-        args.amp, self.amp = amp_context(args.amp, self.device, self.kind)
-        if self.fo and args.save_tuned == "replay":
-            raise DLZOError(f"--save-tuned replay: {args.method} is first-order, its steps cannot be replayed")
-        self.model, self.named = self.build()
-        self.tokenizer = load_tokenizer(args.model)
-        self.n_params = sum(p.numel() for _, p in self.named)
-        for _, p in self.named:
-            p.requires_grad_(False)
-        self.bs = min(args.batch_size, len(self.train_rows))
-        self.per_epoch = max(1, len(self.train_rows) // self.bs)
-        if args.epochs:
-            args.steps = args.epochs * self.per_epoch
-        if args.eval_every == 0:
-            args.eval_every = self.per_epoch
-        # first, before any training state exists (optimizer, masks, saved copies, the prefix cache)
-        self.inference_peak_mb = measure_inference(self.model, self.batch(0), self.device, self.amp)
-        self.out = Path(args.out)
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.dev_eval = self.dev_rows[: args.dev_eval_size] if args.dev_eval_size else self.dev_rows
-        if args.prefix_cache == "auto":
-            single = self.kind in SINGLE_LAYER_KINDS and not FrozenPrefix.supported(self.model, self.layer)
-            args.prefix_cache = "dataset" if single else "off"
-        if args.paired_suffix == "auto":
-            args.paired_suffix = "on" if args.prefix_cache != "off" and self.device.type == "cuda" and not self.fo else "off"
-        if args.paired_suffix == "on" and (args.prefix_cache == "off" or self.fo):
-            raise DLZOError(f"--paired-suffix on needs a zeroth-order single-layer method with a prefix cache "
-                            f"(--prefix-cache dataset or batch), not {args.method} with --prefix-cache {args.prefix_cache}")
-
-    def build(self):
-        a = self.args
-        return build(a.model, self.kind, self.layer, self.device, self.dtype, a.lora_r, a.lora_alpha, a.seed)
-
-    def batch(self, step: int):
-        idx = batch_indices(len(self.train_rows), self.bs, self.args.seed, step)
-        return make_batch(self.tokenizer, [self.train_rows[i] for i in idx], self.task.objective, self.device,
-                          self.args.max_len, self.share_prompt)
-
-    def dev_loss(self) -> float:
-        a = self.args
-        if not self.dev_eval:
-            return float("nan")
-        return _mean_loss(self.model, self.tokenizer, self.dev_eval, self.task.objective, self.device,
-                          a.eval_batch_size, a.max_len, self.amp, self.share_prompt)
-
-    def prefix(self):
-        """The frozen-prefix cache of single-layer methods (None for the others)."""
-        a, mode = self.args, self.args.prefix_cache
-        if mode == "off":
-            return None
-        if self.kind not in SINGLE_LAYER_KINDS:
-            raise DLZOError(f"--prefix-cache {mode} needs a single-layer method, not {a.method}")
-        prefix = FrozenPrefix(self.model, self.layer, mode)
-        if mode == "dataset":  # fixed chunks in file order: the same bits however the run is resumed
-            with self.amp():
-                prefix.fill(make_batch(self.tokenizer, self.train_rows[i:i + a.eval_batch_size], self.task.objective,
-                                       self.device, a.max_len, self.share_prompt)
-                            for i in range(0, len(self.train_rows), a.eval_batch_size))
-        return prefix
-
-    def bar(self, start: int):
-        a = self.args
-        return tqdm(range(start, a.steps), desc=f"{a.task} {a.method} seed {a.seed}", initial=start,
-                    total=a.steps, file=sys.stderr, mininterval=2.0)
-
-    def checkpoint(self, done_steps: int, dev_curve: list, best: dict) -> bool | None:
-        """At eval points, append the dev loss and return whether this state is the new best checkpoint;
-        None between eval points."""
-        if done_steps % self.args.eval_every and done_steps != self.args.steps:
-            return None
-        dl = self.dev_loss()
-        dev_curve.append({"step": done_steps, "dev_loss": dl})
-        if not self.dev_eval or dl < best["dev_loss"]:  # no dev split: keep the last state
-            best.update(step=done_steps, dev_loss=dl)
-            return True
-        return False
-
-    def finish(self, traj: list, best: dict, dev_curve: list, resumed_from: int, step_times: list, hyper: dict,
-               timing: dict, train_peak: float, tuned_params: int) -> dict:
-        """Write trajectory.jsonl and log.json (tuned.safetensors is already in place)."""
-        a = self.args
-        with atomic_path(self.out / "trajectory.jsonl") as tmp:
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in traj))
-        steps_run = len(step_times)
-        train_curve = [{"step": r["step"], "loss": r["loss"] if "loss" in r else (r["loss_plus"] + r["loss_minus"]) / 2}
-                       for r in traj[1:]]
-        result = {
-            "model": a.model_name, "task": a.task, "method": a.method, "seed": a.seed,
-            "kind": self.kind, "layer": self.layer, "layer_from": self.how, "tuned_params": tuned_params,
-            "tensor_params": self.n_params,
-            "lora": {"r": a.lora_r, "alpha": a.lora_alpha, "targets": LORA_TARGETS} if "lora" in self.kind else None,
-            "hyper": hyper,
-            "best_step": best["step"], "best_dev_loss": best["dev_loss"],
-            "dev_curve": dev_curve, "train_curve": train_curve,
-            "resumed_from_step": resumed_from,
-            "timing": {
-                "steps_timed": steps_run,
-                "s_per_step": float(np.mean(step_times)) if step_times else None,
-                "s_per_step_median": float(np.median(step_times)) if step_times else None,
-                "train_s": float(np.sum(step_times)),
-                **{f"{k[:-2]}_s_per_step": (v / steps_run if steps_run else None) for k, v in timing.items()},
-            },
-            "peak_memory_mb": train_peak,
-            "inference_peak_mb": self.inference_peak_mb,
-            "peak_memory_vs_inference": train_peak / self.inference_peak_mb if self.inference_peak_mb else None,
-            "provenance": provenance(self.device, self.dtype, self.started, config=vars(a), amp=a.amp),
-        }
-        write_json(self.out / "log.json", result)
-        return result
-
-
-def train(args) -> dict:
-    run = _Run(args)
-    return _train_fo(run) if run.fo else _train_zo(run)
-
-
-def _train_zo(run: _Run) -> dict:
-    args, kind, out = run.args, run.kind, run.out
-    restore = args.restore if args.restore != "auto" else ("mezo" if kind in ("mezo-full", "sparse-mezo") else "exact")
-    args.restore = restore
-    make_opt = lambda named: zo_optimizer(named, kind, args.lr, args.eps, args.weight_decay, args.seed,  # noqa: E731
-                                          restore, args.sparsity)
-    opt = make_opt(run.named)
-    tuned = run.n_params
-    if kind == "sparse-mezo":
-        tuned = sum(int(m.sum()) for g in opt.param_groups for m in g["masks"])
-    partial = out / "trajectory.partial.jsonl"
-    header = _header(args, kind, run.layer, run.how, run.n_params)
-    done = _read_partial(partial, header)[: args.steps]
-    resumed_from = len(done)
-    log_path = out / "log.partial.json"
-    state = read_json(log_path) if resumed_from and log_path.exists() else {}
-    dev_curve = state.get("dev_curve", [])
-    best = state.get("best", {"step": 0, "dev_loss": math.inf})
-    if not dev_curve:  # step 0 is the untrained model's: measured before replaying a run cut before its 1st checkpoint
-        dev_curve.append({"step": 0, "dev_loss": run.dev_loss()})
-        write_json(log_path, {"dev_curve": dev_curve})
-    opt.replay(done)
-    with open(partial, "w") as fh:  # rewrite: drops a cut last line, keeps every good step
-        fh.write(json.dumps(header) + "\n")
-        for rec in done:
-            fh.write(json.dumps(rec) + "\n")
-
-    prefix, model = run.prefix(), run.model
-
-    stop = _Stop()
-    step_times = []
-    diverged_at = None
-    bar = run.bar(resumed_from)
-    with open(partial, "a") as fh:
-        for step in bar:
-            batch = run.batch(step)
-            t0 = time.perf_counter()
-            try:
-                if args.paired_suffix == "on":
-                    opt.step(pair_closure=lambda up, down: paired_loss(batch, prefix, up, down))
-                else:
-                    opt.step(lambda: objective_loss(model, batch, prefix))
-            except NonFiniteLoss as err:
-                fh.flush()
-                if args.on_nonfinite == "stop":  # a grid point too large: keep the best checkpoint before it
-                    diverged_at = err.step
-                    print(f"zo_train: {err}; stopping (--on-nonfinite stop): the result is the best dev "
-                          f"checkpoint before step {err.step}", file=sys.stderr)
-                    break
-                raise DLZOError(f"{err}; the trajectory up to step {err.step - 1} is kept in {partial}. "
-                                f"Lower the learning rate (or eps) and rerun") from err
-            step_times.append(time.perf_counter() - t0)
-            rec = opt.trajectory[-1]
-            fh.write(json.dumps(rec) + "\n")
-            fh.flush()
-            bar.set_postfix(loss=f"{(rec['loss_plus'] + rec['loss_minus']) / 2:.4f}", g=f"{rec['g']:.3g}")
-            done_steps = step + 1
-            if run.checkpoint(done_steps, dev_curve, best) is not None:
-                write_json(log_path, {"dev_curve": dev_curve, "best": best})
-            if stop.signal is not None:
-                fh.flush()
-                print(f"zo_train: signal {stop.signal} after step {done_steps}; trajectory saved in {partial}. "
-                      f"Rerun to resume.", file=sys.stderr)
-                sys.exit(128 + stop.signal)
-    bar.close()
-    train_peak = peak_memory_mb(run.device)
-
-    traj = [json.loads(x) for x in partial.read_text().splitlines()]
-    save_tuned = args.save_tuned
-    if save_tuned == "auto":  # a 7B model's every weight is 13 GB per run: replay its trajectory instead
-        save_tuned = "tensors" if run.n_params <= 5e8 else "replay"
-    tensors = {}
-    if save_tuned == "tensors":
-        named = run.named
-        if best["step"] != args.steps:  # the best checkpoint is an earlier state: rebuild it exactly
-            _, named = run.build()
-            make_opt(named).replay(traj[1:best["step"] + 1])
-        tensors = {n: p.detach().to("cpu").contiguous() for n, p in named}
-    _save_tuned(out / "tuned.safetensors", tensors, args.method, best["step"], replay=save_tuned == "replay")
-    hyper = {"steps": args.steps, "lr": args.lr, "eps": args.eps, "weight_decay": args.weight_decay,
-             "batch_size": run.bs, "max_len": args.max_len, "restore": restore, "prefix_cache": args.prefix_cache,
-             "paired_suffix": args.paired_suffix, "scoring": args.scoring}
-    if kind == "sparse-mezo":
-        hyper["sparsity"] = args.sparsity
-    if diverged_at is not None:
-        hyper["diverged_at_step"] = diverged_at
-    result = run.finish(traj, best, dev_curve, resumed_from, step_times, hyper, opt.timing, train_peak, tuned)
-    partial.unlink(missing_ok=True)
-    log_path.unlink(missing_ok=True)
-    return result
-
-
-def _save_tuned(path: Path, tensors: dict, method: str, best_step: int, replay: bool = False) -> None:
+def save_tuned(path: Path, tensors: dict, method: str, best_step: int, replay: bool = False) -> None:
     from safetensors.torch import save_file
 
     # one metadata key: safetensors writes its metadata map in a random order per process, so three keys
@@ -404,121 +411,171 @@ def _save_tuned(path: Path, tensors: dict, method: str, best_step: int, replay: 
         save_file(tensors, str(tmp), metadata={"dlzo": info})
 
 
-def _train_fo(run: _Run) -> dict:
-    """AdamW through backpropagation on the tuned tensors (every one, or one decoder layer's)."""
-    args, out, device, model = run.args, run.out, run.device, run.model
-    args.restore = None
-    params = [p for _, p in run.named]
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.AdamW(param_groups(run.named, args.weight_decay), lr=args.lr, weight_decay=args.weight_decay)
-    header = _header(args, run.kind, run.layer, run.how, run.n_params)
-    header["header"]["optimizer"] = "adamw"
-    state_path, best_path = out / "fo_state.partial.pt", out / "best.partial.safetensors"
-    records, dev_curve, best, start = [], [], {"step": 0, "dev_loss": math.inf}, 0
-    if state_path.exists():
-        st = torch.load(state_path, map_location=device, weights_only=True)
-        if st.get("config_hash") == header["config_hash"] and (best_path.exists() or not st["best"]["step"]):
-            with torch.no_grad():
-                for n, p in run.named:
-                    p.copy_(st["params"][n])
-            opt.load_state_dict(st["opt"])
-            records, dev_curve, best, start = st["records"], st["dev_curve"], st["best"], st["step"]
-        else:
-            print(f"zo_train: {state_path} belongs to another config; starting over", file=sys.stderr)
-    prefix = run.prefix()
-    if not dev_curve:
-        dev_curve.append({"step": 0, "dev_loss": run.dev_loss()})
-
-    stop = _Stop()
-    step_times, timing = [], {"forward_s": 0.0, "backward_s": 0.0, "update_s": 0.0}
-    bar = run.bar(start)
-    for step in bar:
-        batch = run.batch(step)
-        t0 = _now(device)
-        with run.amp():
-            loss = objective_loss(model, batch, prefix)
-        t1 = _now(device)
-        value = loss.item()
-        if not math.isfinite(value):
-            raise DLZOError(f"non-finite training loss at step {step} ({value}): lower the learning rate and rerun")
-        loss.backward()
-        t2 = _now(device)
-        norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm) if args.max_grad_norm > 0 else None
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        t3 = _now(device)
-        del loss
-        for key, dt in (("forward_s", t1 - t0), ("backward_s", t2 - t1), ("update_s", t3 - t2)):
-            timing[key] += dt
-        step_times.append(t3 - t0)
-        records.append({"step": step, "loss": value, "lr": opt.param_groups[0]["lr"],
-                        "grad_norm": float(norm) if norm is not None else None})
-        bar.set_postfix(loss=f"{value:.4f}")
-        done_steps = step + 1
-        if run.checkpoint(done_steps, dev_curve, best):
-            _save_tuned(best_path, {n: p.detach().to("cpu").contiguous() for n, p in run.named}, args.method,
-                        done_steps)
-        if stop.signal is not None:
-            with atomic_path(state_path) as tmp:
-                torch.save({"config_hash": header["config_hash"], "step": done_steps, "records": records,
-                            "dev_curve": dev_curve, "best": best, "opt": opt.state_dict(),
-                            "params": {n: p.detach() for n, p in run.named}}, tmp)
-            print(f"zo_train: signal {stop.signal} after step {done_steps}; weights and AdamW state saved in "
-                  f"{state_path}. Rerun to resume.", file=sys.stderr)
-            sys.exit(128 + stop.signal)
-    bar.close()
-    train_peak = peak_memory_mb(device)
-    os.replace(best_path, out / "tuned.safetensors")
-    hyper = {"optimizer": "adamw", "steps": args.steps, "epochs": args.epochs, "lr": args.lr,
-             "weight_decay": args.weight_decay, "betas": list(opt.defaults["betas"]), "adam_eps": opt.defaults["eps"],
-             "max_grad_norm": args.max_grad_norm, "schedule": "constant", "batch_size": run.bs,
-             "max_len": args.max_len, "prefix_cache": args.prefix_cache, "amp": args.amp, "scoring": args.scoring,
-             "weights_dtype": str(run.dtype).replace("torch.", "")}
-    result = run.finish([header, *records], best, dev_curve, start, step_times, hyper, timing, train_peak,
-                        run.n_params)
-    state_path.unlink(missing_ok=True)
-    return result
+def _tensors(named) -> dict:
+    return {n: p.detach().to("cpu").contiguous() for n, p in named}
 
 
-def load_tuned_model(model_dir, run_dir, device, dtype):
-    """The base model with a training run's best checkpoint applied (LoRA merged into the weights)."""
-    from safetensors.torch import load_file
+class ZOStepper:
+    """ZO-SGD on the run's tuned tensors. Its state is its trajectory: ``trajectory.partial.jsonl`` (one line a
+    step, replayed on resume) and the dev curve so far, ``log.partial.json``; the best checkpoint is rebuilt
+    from the trajectory at the end."""
 
-    run_dir = Path(run_dir)
-    log = read_json(run_dir / "log.json", "training log")
-    model, named = build(model_dir, log["kind"], log["layer"], device, dtype,
-                         (log.get("lora") or {}).get("r", 8), (log.get("lora") or {}).get("alpha", 16), log["seed"])
-    from safetensors import safe_open
+    def __init__(self, run: Run):
+        self.run, self.spec = run, run.spec
+        self.opt = self._optimizer(run.named)
+        self.timing = self.opt.timing
+        self.header = self.spec.header(run.n_params)
+        self.partial, self.log_path = run.out / "trajectory.partial.jsonl", run.out / "log.partial.json"
+        self.diverged_at, self.fh = None, None
 
-    with safe_open(str(run_dir / "tuned.safetensors"), "pt") as fh:
-        meta = fh.metadata() or {}
-    info = json.loads(meta["dlzo"]) if "dlzo" in meta else meta  # earlier versions wrote three keys
-    if info.get("replay") in (True, "true"):  # rebuild the best checkpoint from the trajectory, bit for bit
-        hyper = log["hyper"]
-        traj = read_jsonl(run_dir / "trajectory.jsonl")[1:]
-        zo_optimizer(named, log["kind"], hyper["lr"], hyper["eps"], hyper["weight_decay"], log["seed"],
-                     hyper["restore"], hyper.get("sparsity")).replay(traj[: log["best_step"]])
-        return _finish(model)
-    tensors = load_file(str(run_dir / "tuned.safetensors"))
-    params = dict(named)
-    missing = set(params) - set(tensors)
-    if missing:
-        raise DLZOError(f"{run_dir / 'tuned.safetensors'} lacks tuned tensors {sorted(missing)[:3]}...")
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(tensors[name].to(p.device, p.dtype))
-    return _finish(model)
+    def _optimizer(self, named):
+        s = self.spec
+        return zo_optimizer(named, s.lr, s.eps, s.weight_decay, s.seed, s.restore, s.masks_at)
+
+    def resume(self) -> tuple[int, list, dict]:
+        """(steps done, dev curve, best): an interrupted run's, its steps replayed; else a fresh start."""
+        done = _read_partial(self.partial, self.header["config_hash"])[: self.spec.steps]
+        state = read_json(self.log_path) if done and self.log_path.exists() else {}
+        dev_curve = state.get("dev_curve", [])
+        best = state.get("best", {"step": 0, "dev_loss": math.inf})
+        if not dev_curve:  # the untrained model's: measured before replaying a run cut before its 1st checkpoint
+            dev_curve.append({"step": 0, "dev_loss": self.run.dev_loss()})
+            write_json(self.log_path, {"dev_curve": dev_curve})
+        self.opt.replay(done)
+        with open(self.partial, "w") as fh:  # rewrite: drops a cut last line, keeps every good step
+            fh.writelines(json.dumps(r) + "\n" for r in [self.header, *done])
+        self.fh = open(self.partial, "a")
+        return len(done), dev_curve, best
+
+    def step(self, step: int, batch, prefix) -> dict | None:
+        """The step's trajectory record; None when the loss was non-finite and --on-nonfinite is stop."""
+        try:
+            zo_step(self.opt, self.run.model, batch, prefix, self.spec.paired_suffix == "on")
+        except NonFiniteLoss as err:
+            self.fh.flush()
+            if self.spec.on_nonfinite == "stop":  # a grid point too large: keep the best checkpoint before it
+                self.diverged_at = err.step
+                print(f"zo_train: {err}; stopping (--on-nonfinite stop): the result is the best dev "
+                      f"checkpoint before step {err.step}", file=sys.stderr)
+                return None
+            raise DLZOError(f"{err}; the trajectory up to step {err.step - 1} is kept in {self.partial}. "
+                            f"Lower the learning rate (or eps) and rerun") from err
+        return self.opt.trajectory[-1]
+
+    def record(self, rec: dict) -> None:
+        self.fh.write(json.dumps(rec) + "\n")
+        self.fh.flush()
+
+    def checkpoint(self, done: int, is_best: bool, dev_curve: list, best: dict) -> None:
+        write_json(self.log_path, {"dev_curve": dev_curve, "best": best})  # the steps are in the trajectory
+
+    def suspend(self, done: int, dev_curve: list, best: dict) -> str:
+        self.fh.flush()
+        return f"trajectory saved in {self.partial}"
+
+    def finalize(self, best: dict) -> tuple[list, dict, int]:
+        """Save tuned.safetensors (the best checkpoint, rebuilt by replay when it is not the last state);
+        (trajectory, hyper, tuned parameter count)."""
+        s, run = self.spec, self.run
+        self.fh.close()
+        traj = [json.loads(x) for x in self.partial.read_text().splitlines()]
+        mode = s.save_tuned
+        if mode == "auto":  # a 7B model's every weight is 13 GB per run: replay its trajectory instead
+            mode = "tensors" if run.n_params <= 5e8 else "replay"
+        tensors = {}
+        if mode == "tensors":
+            named = run.named
+            if best["step"] != s.steps:  # the best checkpoint is an earlier state: rebuild it exactly
+                _, named = run.build()
+                self._optimizer(named).replay(traj[1:best["step"] + 1])
+            tensors = _tensors(named)
+        save_tuned(run.out / "tuned.safetensors", tensors, s.method.name, best["step"], replay=mode == "replay")
+        hyper = {"steps": s.steps, "lr": s.lr, "eps": s.eps, "weight_decay": s.weight_decay, "batch_size": s.bs,
+                 "max_len": s.max_len, "restore": s.restore, "prefix_cache": s.prefix_cache,
+                 "paired_suffix": s.paired_suffix, "scoring": s.scoring}
+        if s.masks_at is not None:
+            hyper["sparsity"] = s.sparsity
+        if self.diverged_at is not None:
+            hyper["diverged_at_step"] = self.diverged_at
+        masked = [m for g in self.opt.param_groups for m in g.get("masks") or []]
+        tuned = sum(int(m.sum()) for m in masked) if s.masks_at is not None else run.n_params
+        return traj, hyper, tuned
+
+    def cleanup(self) -> None:
+        self.partial.unlink(missing_ok=True)
+        self.log_path.unlink(missing_ok=True)
 
 
-def _finish(model):
-    if hasattr(model, "merge_and_unload"):  # LoRA folded into the weights: a plain model for lm-eval
-        model = model.merge_and_unload()
-    model.eval()
-    return model
+class FOStepper:
+    """AdamW through backpropagation on the run's tuned tensors (every one, or one decoder layer's). Its state,
+    saved on a signal: weights, AdamW state, records and dev curve in ``fo_state.partial.pt``; the best
+    checkpoint so far is saved as it happens, to ``best.partial.safetensors``."""
+
+    def __init__(self, run: Run):
+        self.run, self.spec = run, run.spec
+        self.params = [p for _, p in run.named]
+        for p in self.params:
+            p.requires_grad_(True)
+        s = self.spec
+        self.opt = torch.optim.AdamW(param_groups(run.named, s.weight_decay), lr=s.lr, weight_decay=s.weight_decay)
+        self.header = s.header(run.n_params)
+        self.header["header"]["optimizer"] = "adamw"  # after the hash: runs from before it still resume
+        self.state_path, self.best_path = run.out / "fo_state.partial.pt", run.out / "best.partial.safetensors"
+        self.records, self.timing = [], {"forward_s": 0.0, "backward_s": 0.0, "update_s": 0.0}
+
+    def resume(self) -> tuple[int, list, dict]:
+        """(steps done, dev curve, best): an interrupted run's, its weights and AdamW state loaded; else a fresh start."""
+        dev_curve, best, start = [], {"step": 0, "dev_loss": math.inf}, 0
+        if self.state_path.exists():
+            st = torch.load(self.state_path, map_location=self.run.device, weights_only=True)
+            if st.get("config_hash") == self.header["config_hash"] and (self.best_path.exists() or not st["best"]["step"]):
+                with torch.no_grad():
+                    for n, p in self.run.named:
+                        p.copy_(st["params"][n])
+                self.opt.load_state_dict(st["opt"])
+                self.records, dev_curve, best, start = st["records"], st["dev_curve"], st["best"], st["step"]
+            else:
+                print(f"zo_train: {self.state_path} belongs to another config; starting over", file=sys.stderr)
+        if not dev_curve:
+            dev_curve.append({"step": 0, "dev_loss": self.run.dev_loss()})
+        return start, dev_curve, best
+
+    def step(self, step: int, batch, prefix) -> dict:
+        run = self.run
+        value, norm = fo_step(run.model, batch, prefix, self.opt, self.params, self.spec.max_grad_norm, run.amp,
+                              step, lambda: _now(run.device), self.timing)
+        return {"step": step, "loss": value, "lr": self.opt.param_groups[0]["lr"], "grad_norm": norm}
+
+    def record(self, rec: dict) -> None:
+        self.records.append(rec)
+
+    def checkpoint(self, done: int, is_best: bool, dev_curve: list, best: dict) -> None:
+        if is_best:
+            save_tuned(self.best_path, _tensors(self.run.named), self.spec.method.name, done)
+
+    def suspend(self, done: int, dev_curve: list, best: dict) -> str:
+        with atomic_path(self.state_path) as tmp:
+            torch.save({"config_hash": self.header["config_hash"], "step": done, "records": self.records,
+                        "dev_curve": dev_curve, "best": best, "opt": self.opt.state_dict(),
+                        "params": {n: p.detach() for n, p in self.run.named}}, tmp)
+        return f"weights and AdamW state saved in {self.state_path}"
+
+    def finalize(self, best: dict) -> tuple[list, dict, int]:
+        """tuned.safetensors is the best checkpoint saved during the run; (trajectory, hyper, tuned parameter count)."""
+        s = self.spec
+        os.replace(self.best_path, self.run.out / "tuned.safetensors")
+        hyper = {"optimizer": "adamw", "steps": s.steps, "epochs": s.epochs, "lr": s.lr,
+                 "weight_decay": s.weight_decay, "betas": list(self.opt.defaults["betas"]),
+                 "adam_eps": self.opt.defaults["eps"], "max_grad_norm": s.max_grad_norm, "schedule": "constant",
+                 "batch_size": s.bs, "max_len": s.max_len, "prefix_cache": s.prefix_cache, "amp": s.amp,
+                 "scoring": s.scoring, "weights_dtype": str(s.torch_dtype).replace("torch.", "")}
+        return [self.header, *self.records], hyper, self.run.n_params
+
+    def cleanup(self) -> None:
+        self.state_path.unlink(missing_ok=True)
 
 
-def parse_args(argv=None):
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="model folder (from download_model)")
     ap.add_argument("--model-name", default=None, help="the config's name for the model (messages, pins)")
@@ -532,8 +589,11 @@ def parse_args(argv=None):
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--epochs", type=int, default=None,
                     help="instead of --steps: passes over the training set (steps = epochs x (train size // batch))")
-    ap.add_argument("--lr", type=float, default=1e-6)
-    ap.add_argument("--eps", type=float, default=1e-3)
+    ap.add_argument("--lr", type=float, default=None, help=f"learning rate (default {DEFAULT_LR:g})")
+    ap.add_argument("--eps", type=float, default=None, help=f"ZO perturbation scale (default {DEFAULT_EPS:g})")
+    ap.add_argument("--selection", default=None,
+                    help="hyper_selection.json (select_hyper): train at the grid's chosen lr and eps, instead of "
+                         "--lr and --eps")
     ap.add_argument("--weight-decay", type=float, default=0.0)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--eval-every", type=int, default=1000, help="steps between dev-loss checkpoints (0 = once an epoch)")
@@ -569,8 +629,20 @@ def parse_args(argv=None):
                     help="tuned.safetensors holds the tuned tensors, or only says to replay the trajectory "
                          "(auto: replay above 5e8 tuned parameters)")
     add_runtime_args(ap)
+    return ap
+
+
+def parse_args(argv=None):
+    """The arguments as given, checked (a bad value is a usage error: exit 2), lr and eps defaulted unless
+    --selection gives them (``RunSpec.resolve`` reads it)."""
+    ap = _parser()
     args = ap.parse_args(argv)
-    if args.lr <= 0 or args.eps <= 0 or args.steps <= 0:
+    if args.selection and (args.lr is not None or args.eps is not None):
+        ap.error("--selection gives the lr and eps (the grid's chosen point): drop --lr and --eps, or --selection")
+    if not args.selection:  # the defaults (None marks an lr or eps not given, for the check above)
+        args.lr = DEFAULT_LR if args.lr is None else args.lr
+        args.eps = DEFAULT_EPS if args.eps is None else args.eps
+    if (args.lr is not None and args.lr <= 0) or (args.eps is not None and args.eps <= 0) or args.steps <= 0:
         ap.error(f"--lr, --eps and --steps must be > 0 (got lr={args.lr}, eps={args.eps}, steps={args.steps})")
     if args.epochs is not None and args.epochs <= 0:
         ap.error(f"--epochs must be > 0 (got {args.epochs})")

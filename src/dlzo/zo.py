@@ -28,6 +28,15 @@ decay term too); every other weight keeps its bits.
 
 A run is fully described by the base model and its list of (seed, g, lr) per step: ``replay``
 rebuilds the tuned weights bit-identically on the same device type.
+
+Public API besides ``step``/``replay``, for code that measures what ZO-SGD sees without training (the
+sensitivity profile in ``dlzo.profiles``):
+  ``tensors()``                    the tuned tensors, in the order z is drawn
+  ``draw(step)``                   the z of every tuned tensor at ``step`` (step_seed(seed, step), masked)
+  ``projected_gradient(closure, step=None)`` -> (l+, l-, g): the two perturbed evaluations of ``step``
+                                   (default: the next one) with the optimizer's restore, no update, nothing
+                                   recorded; theta is left as it came (``restore="exact"``: bit for bit, also
+                                   when the closure raises; otherwise up to rounding).
 """
 from __future__ import annotations
 
@@ -136,6 +145,29 @@ class ZOSGD(torch.optim.Optimizer):
                 z.mul_(mask)  # the full draw first: the generator advances as without a mask
             yield group, p, z, mask
 
+    def tensors(self) -> list[torch.Tensor]:
+        """The tuned tensors, in the order z is drawn."""
+        return [p for _, p, _ in self._params()]
+
+    @torch.no_grad()
+    def draw(self, step: int) -> list[torch.Tensor]:
+        """z of every tuned tensor (``tensors()`` order) at ``step``: what ``step`` perturbs with then."""
+        return [z for _, _, z, _ in self._draw(step_seed(self.seed, step))]
+
+    @torch.no_grad()
+    def projected_gradient(self, closure: Callable[[], float | torch.Tensor] | None = None, step: int | None = None,
+                           pair_closure: Callable | None = None) -> tuple[float, float, float]:
+        """(L+, L-, g) of ``step`` (default: the next step, ``steps_done``) without taking it: the same
+        perturbed evaluations ``step()`` makes (``closure`` or ``pair_closure`` as there), theta restored
+        after them, no update, no trajectory entry, ``steps_done`` unchanged. A non-finite loss is returned
+        as it is (the caller decides). ``restore="exact"`` gives theta back bit for bit, also on an error."""
+        seed = step_seed(self.seed, self.steps_done if step is None else int(step))
+        eps = self.param_groups[0]["eps"]
+        l_plus, l_minus, _ = self._paired(self._pair(closure, pair_closure), seed, eps)
+        if self.restore == "fused":  # _paired leaves theta at theta - eps*z for the fused update: restore it
+            self._perturb(seed, 1, eps)
+        return l_plus, l_minus, (l_plus - l_minus) / (2 * eps)
+
     @torch.no_grad()
     def _perturb(self, seed: int, factor: float, eps: float) -> None:
         """theta += factor * eps * z (MeZO's scaling_factor in {1, -2, 1})."""
@@ -200,18 +232,11 @@ class ZOSGD(torch.optim.Optimizer):
         """One SPSA step. ``closure()`` returns the loss at the current parameters; alternatively
         ``pair_closure(set_plus, set_minus)`` returns (L+, L-) itself, calling ``set_plus()`` then
         ``set_minus()`` to move the parameters (so it can share work between the two evaluations)."""
-        if (closure is None) == (pair_closure is None):
-            raise ValueError("ZOSGD.step needs a closure that returns the loss (or a pair_closure, not both)")
+        pair_closure = self._pair(closure, pair_closure)
         step = self.steps_done
         seed = step_seed(self.seed, step)
         eps = self.param_groups[0]["eps"]
         lr = self.param_groups[0]["lr"]
-        if pair_closure is None:
-            def pair_closure(set_plus, set_minus):
-                set_plus()
-                l_plus = float(closure())
-                set_minus()
-                return l_plus, float(closure())
         l_plus, l_minus, zs = self._paired(pair_closure, seed, eps)
         if not (math.isfinite(l_plus) and math.isfinite(l_minus)):
             if self.restore == "fused":  # leave theta as it was before the step
@@ -226,6 +251,21 @@ class ZOSGD(torch.optim.Optimizer):
                                 "loss_plus": l_plus, "loss_minus": l_minus})
         self.steps_done += 1
         return g
+
+    @staticmethod
+    def _pair(closure, pair_closure) -> Callable:
+        """The pair_closure that ``step``/``projected_gradient`` run: ``pair_closure`` or one built on ``closure``."""
+        if (closure is None) == (pair_closure is None):
+            raise ValueError("ZOSGD needs a closure that returns the loss (or a pair_closure, not both)")
+        if pair_closure is not None:
+            return pair_closure
+
+        def paired(set_plus, set_minus):
+            set_plus()
+            l_plus = float(closure())
+            set_minus()
+            return l_plus, float(closure())
+        return paired
 
     def _paired(self, pair_closure, seed: int, eps: float):
         """(L+, L-, kept z or None) from ``pair_closure``; parameters left where ``step`` expects them."""
@@ -246,12 +286,15 @@ class ZOSGD(torch.optim.Optimizer):
             set_plus = lambda: self._timed("perturb_s", self._perturb, seed, 1, eps)  # noqa: E731
             set_minus = lambda: self._timed("perturb_s", self._perturb, seed, -2, eps)  # noqa: E731
         t_perturb, t0 = self.timing["perturb_s"], _now()
-        l_plus, l_minus = (float(x) for x in pair_closure(set_plus, set_minus))  # timed as forward
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        self.timing["forward_s"] += _now() - t0 - (self.timing["perturb_s"] - t_perturb)
+        try:
+            l_plus, l_minus = (float(x) for x in pair_closure(set_plus, set_minus))  # timed as forward
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.timing["forward_s"] += _now() - t0 - (self.timing["perturb_s"] - t_perturb)
+        finally:  # exact: theta copied back also when the closure raises
+            if self.restore == "exact":
+                self._timed("perturb_s", lambda: [p.copy_(orig) for (p, _), orig in zip(pairs, saved)])
         if self.restore == "exact":
-            self._timed("perturb_s", lambda: [p.copy_(orig) for (p, _), orig in zip(pairs, saved)])
             return l_plus, l_minus, [z for _, z in pairs]
         if self.restore == "mezo":
             self._timed("perturb_s", self._perturb, seed, 1, eps)

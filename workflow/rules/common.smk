@@ -81,10 +81,10 @@ def _values(x):
 
 
 def grid_points(method):
-    """(lr, eps) of every grid point of ``method``; one point means no grid (eps None: first-order)."""
-    block = M.hyper_block(method, config["train"]["hyper"])
-    h = config["train"]["hyper"][block]
-    epss = [None] if M.parse_method(method).is_fo else _values(h["eps"])
+    """(lr, eps) of every grid point of ``method``; one point means no grid (eps None: a block without eps,
+    first-order)."""
+    h = config["train"]["hyper"][M.hyper_block(method, config["train"]["hyper"])]
+    epss = _values(h["eps"]) if "eps" in h else [None]
     return [(lr, eps) for lr in _values(h["lr"]) for eps in epss]
 
 
@@ -267,10 +267,12 @@ def gradnorm_enabled():
 
 
 def profile_outputs(kind=None):
-    """The per-layer profiles beside the probe (ZO sensitivity and, with it, the gradient norms) and their
-    figures; ``kind`` 'sensitivity' or 'gradnorm': that JSON only."""
+    """The probe's figure and the per-layer profiles beside it (ZO sensitivity and, with it, the gradient norms)
+    with their figures; ``kind`` 'sensitivity' or 'gradnorm': that JSON only."""
     out = []
     for model in config["models"]:
+        if kind is None:
+            out.append(L.probe(model, "probe_png"))
         if sensitivity_enabled() and kind in (None, "sensitivity"):
             out += [L.probe(model, "sensitivity")] + ([L.probe(model, "sensitivity_png")] if kind is None else [])
         if gradnorm_enabled() and kind in (None, "gradnorm"):
@@ -335,30 +337,30 @@ def _non_default(key, default="auto"):
     return value if value != default else None
 
 
+# keys of a train.hyper block that are not passed through as dlzo.train options of the same name
+RUN_LENGTH_KEYS = ("lr", "eps", "epochs", "steps", "eval_every")
+
+
 def train_args(w):
-    """dlzo.train's options for a run, looked up in the run table and the config."""
+    """dlzo.train's options for a run, looked up in the run table and the config: the run's lr and eps, the
+    run length (a block's own epochs, steps and eval_every, else train's), every other key of its hyper block
+    under its own name (weight_decay, sparsity, max_grad_norm...), and what its kind of method takes."""
     run, t = run_of(w), config["train"]
     method = M.parse_method(run.method)
     h = config["train"]["hyper"][run.block]
-    length = dict(steps=t["steps"])
-    if method.is_fo:  # first-order AdamW: epochs (or steps), a dev checkpoint per epoch unless told
-        length = dict(epochs=h["epochs"]) if "epochs" in h else dict(steps=h.get("steps", t["steps"]))
-    args = cli(**length, batch_size=t["batch_size"], eval_every=h.get("eval_every", 0) if method.is_fo else t["eval_every"],
-               dev_eval_size=t.get("dev_eval_size", 0), max_len=t["max_len"], lr=run.lr,
-               eps=None if method.is_fo else run.eps, weight_decay=h.get("weight_decay", 0.0),
-               max_grad_norm=h.get("max_grad_norm", 1.0) if method.is_fo else None,
-               sparsity=h.get("sparsity") if method.kind == "sparse-mezo" else None,
+    length = dict(epochs=h["epochs"]) if "epochs" in h else dict(steps=h.get("steps", t["steps"]))
+    return cli(**length, batch_size=t["batch_size"], eval_every=h.get("eval_every", t["eval_every"]),
+               dev_eval_size=t.get("dev_eval_size", 0), max_len=t["max_len"], lr=run.lr, eps=run.eps,
+               **{k: v for k, v in sorted(h.items()) if k not in RUN_LENGTH_KEYS},  # sorted: config order is no change
                restore=None if method.is_fo else _non_default("restore"),
                scoring=scoring(w.task),
                prefix_cache=t.get("prefix_cache", "auto") if method.is_single_layer else None,
-               # ZO only
                paired_suffix=_non_default("paired_suffix") if method.is_single_layer and not method.is_fo else None,
                lora_r=t["lora"]["r"] if method.is_lora else None,
                lora_alpha=t["lora"]["alpha"] if method.is_lora else None,
                # a grid point that diverges is a finding (its best checkpoint before that), not a failed job
                on_nonfinite="stop" if run.grid_point else None,
                layer=(config.get("dominant_layer") or {}).get(w.model) if method.is_dominant else None)
-    return args
 
 
 def probe_input(w):

@@ -4,7 +4,6 @@
 rule probe_outliers:
     output:
         json=L.probe("{model}"),
-        png=report(L.probe("{model}", "probe_png"), caption="../report/probe.rst", category="Probe"),
     input:
         model=rules.download_model.output,
         code=code("probe"),
@@ -22,7 +21,7 @@ rule probe_outliers:
     resources:
         **MODEL_RESOURCES,
     shell:
-        "python -m dlzo.probe --model {input.model} --out {output.json} --plot {output.png} "
+        "python -m dlzo.probe --model {input.model} --out {output.json} "
         "{params.probe} {params.runtime} > {log} 2>&1"
 
 
@@ -31,11 +30,10 @@ def profile_args(profile, keys):
 
 
 # The perturbation-sensitivity profile: per layer, k single-layer ZO perturbations on training batches
-# (inference only). Beside the probe; it reads the probe's JSON only to mark its layer in the figure.
+# (inference only). Beside the probe; it reads the probe's JSON only to record its layer's rank.
 rule probe_sensitivity:
     output:
         json=L.probe("{model}", "sensitivity"),
-        png=report(L.probe("{model}", "sensitivity_png"), caption="../report/sensitivity.rst", category="Probe"),
     input:
         model=rules.download_model.output,
         train=lambda w: L.data(profile_task("sensitivity"), "train"),
@@ -56,23 +54,17 @@ rule probe_sensitivity:
         **MODEL_RESOURCES,
     shell:
         "python -m dlzo.profiles sensitivity --model {input.model} --data {input.train} --task {params.task} "
-        "--probe {input.probe} --out {output.json} --plot {output.png} {params.args} {params.runtime} "
-        "> {log} 2>&1"
+        "--probe {input.probe} --out {output.json} {params.args} {params.runtime} > {log} 2>&1"
 
 
-# Per-layer first-order gradient norms (backprop on a few training batches, near-inference memory), and
-# the figure that puts the three predictors of the layer to tune (outlier profile, ZO sensitivity, gradient
-# norm) on one layer axis.
+# Per-layer first-order gradient norms (backprop on a few training batches, near-inference memory).
 rule probe_gradnorm:
     output:
         json=L.probe("{model}", "gradnorm"),
-        png=report(L.probe("{model}", "predictors_png"), caption="../report/layer_predictors.rst",
-                   category="Probe"),
     input:
         model=rules.download_model.output,
         train=lambda w: L.data(profile_task("gradnorm"), "train"),
         probe=rules.probe_outliers.output.json,
-        sensitivity=rules.probe_sensitivity.output.json,
         code=code("profiles"),
     params:
         task=lambda w: profile_task("gradnorm"),
@@ -89,5 +81,52 @@ rule probe_gradnorm:
         **MODEL_RESOURCES,
     shell:
         "python -m dlzo.profiles gradnorm --model {input.model} --data {input.train} --task {params.task} "
-        "--probe {input.probe} --sensitivity {input.sensitivity} --out {output.json} --plot {output.png} "
-        "{params.args} {params.runtime} > {log} 2>&1"
+        "--probe {input.probe} --out {output.json} {params.args} {params.runtime} > {log} 2>&1"
+
+
+# The probe stages' figures, drawn from their JSON apart from the GPU jobs (an edit to dlzo.figures redraws
+# these and reruns no probe): the outlier profile, the ZO sensitivity profile, and the three predictors of the
+# layer to tune (outlier profile, ZO sensitivity, gradient norm) on one layer axis.
+rule plot_probe:
+    output:
+        report(L.probe("{model}", "probe_png"), caption="../report/probe.rst", category="Probe"),
+    input:
+        probe=rules.probe_outliers.output.json,
+        code=code("figures"),
+    log:
+        L.log("plot_probe", "{model}"),
+    conda:
+        "../../envs/tables.yaml"
+    shell:
+        "python -m dlzo.figures profile --probe {input.probe} --out {output} > {log} 2>&1"
+
+
+rule plot_sensitivity:
+    output:
+        report(L.probe("{model}", "sensitivity_png"), caption="../report/sensitivity.rst", category="Probe"),
+    input:
+        sensitivity=rules.probe_sensitivity.output.json,
+        code=code("figures"),
+    log:
+        L.log("plot_sensitivity", "{model}"),
+    conda:
+        "../../envs/tables.yaml"
+    shell:
+        "python -m dlzo.figures sensitivity --sensitivity {input.sensitivity} --out {output} > {log} 2>&1"
+
+
+rule plot_predictors:
+    output:
+        report(L.probe("{model}", "predictors_png"), caption="../report/layer_predictors.rst", category="Probe"),
+    input:
+        probe=rules.probe_outliers.output.json,
+        sensitivity=rules.probe_sensitivity.output.json,
+        gradnorm=rules.probe_gradnorm.output.json,
+        code=code("figures"),
+    log:
+        L.log("plot_predictors", "{model}"),
+    conda:
+        "../../envs/tables.yaml"
+    shell:
+        "python -m dlzo.figures predictors --probe {input.probe} --sensitivity {input.sensitivity} "
+        "--gradnorm {input.gradnorm} --out {output} > {log} 2>&1"

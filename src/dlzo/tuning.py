@@ -1,0 +1,107 @@
+"""A training run's model: what training, evaluation and the benchmark share on top of ``dlzo.models``.
+
+``build`` (the base model and the tensors a method kind tunes, LoRA adapters added), ``weights_dtype`` and
+``amp_context`` (a method's precision), ``zo_optimizer`` (a run's ZO-SGD, the same for training, rebuilding
+its best checkpoint and evaluation's replay) and ``load_tuned_model`` (the base model with a finished run's
+best checkpoint applied). Apart from ``dlzo.models`` so that the stages that only read a model (the probe,
+the data and download stages) do not depend on the optimizer: an edit here or in ``dlzo.zo`` reruns training
+and evaluation, never the probe.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import torch
+
+from dlzo import DLZOError
+from dlzo.io import read_json, read_jsonl
+from dlzo.methods import KINDS
+from dlzo.models import add_lora, check_layer, load_model, tuned_parameters
+from dlzo.runtime import pick_dtype
+from dlzo.zo import ZOSGD, param_groups
+
+LORA_TARGETS = ["q_proj", "v_proj"]  # the LoRA methods' adapted projections
+
+
+def build(model_dir, kind: str, layer: int | None, device, dtype, lora_r: int, lora_alpha: int, seed: int,
+          where: str = "--method"):
+    """(model, tuned (name, parameter) pairs) of a method kind: the base model, its layer index checked
+    against the model's depth, LoRA adapters added for the LoRA kinds (their init drawn from ``seed``)."""
+    model = load_model(model_dir, device, dtype)
+    if layer is not None:
+        check_layer(layer, model, where)
+    spec = KINDS[kind]
+    if spec.lora:
+        model = add_lora(model, layer if spec.layer else None, lora_r, lora_alpha, LORA_TARGETS, seed)
+    return model, tuned_parameters(model, kind, layer)
+
+
+def weights_dtype(requested: str, device: torch.device, fo: bool) -> torch.dtype:
+    """ZO: the runtime's choice (fp16 on GPU). FO (``fo``): fp32 master weights unless bf16 is asked for
+    (AdamW's steps fall below half precision's resolution); fp16 is refused (AdamW without loss scaling)."""
+    if not fo:
+        return pick_dtype(requested, device)
+    dtype = pick_dtype(requested, device, gpu_default="fp32")
+    if dtype == torch.float16:
+        raise DLZOError("first-order methods need fp32 (auto) or bf16 weights, not fp16 (AdamW without loss "
+                        "scaling): set runtime.dtype (--dtype) to auto, fp32 or bf16")
+    return dtype
+
+
+def amp_context(amp: str, device: torch.device, fo: bool):
+    """(name, context factory): bf16 autocast for FO on GPU (the paper's FO precision); ZO never autocasts."""
+    if amp == "auto":
+        amp = "bf16" if fo and device.type == "cuda" else "off"
+    if amp == "off":
+        return amp, contextlib.nullcontext
+    if not fo:
+        raise DLZOError(f"--amp {amp} is for the first-order methods; ZO methods compute in --dtype")
+    return amp, lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def zo_optimizer(named, lr: float, eps: float, weight_decay: float, seed: int, restore: str,
+                 sparsity: float | None = None) -> ZOSGD:
+    """A run's ZO-SGD, the same for training, rebuilding its best checkpoint and evaluation's replay.
+    ``sparsity`` (sparse-mezo only): the magnitude masks' frozen fraction."""
+    return ZOSGD(param_groups(named, weight_decay, sparsity), lr=lr, eps=eps, weight_decay=weight_decay,
+                 seed=seed, restore=restore)
+
+
+def load_tuned_model(model_dir, run_dir, device, dtype):
+    """The base model with a training run's best checkpoint applied (LoRA merged into the weights):
+    its tuned tensors, or a replay of its trajectory when the run saved none (``--save-tuned replay``)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    run_dir = Path(run_dir)
+    log = read_json(run_dir / "log.json", "training log")
+    lora = log.get("lora") or {}
+    model, named = build(model_dir, log["kind"], log["layer"], device, dtype, lora.get("r", 8), lora.get("alpha", 16),
+                         log["seed"])
+    with safe_open(str(run_dir / "tuned.safetensors"), "pt") as fh:
+        meta = fh.metadata() or {}
+    info = json.loads(meta["dlzo"]) if "dlzo" in meta else meta  # earlier versions wrote three keys
+    if info.get("replay") in (True, "true"):  # rebuild the best checkpoint from the trajectory, bit for bit
+        hyper = log["hyper"]  # "sparsity" is there for sparse-mezo only
+        traj = read_jsonl(run_dir / "trajectory.jsonl")[1:]
+        zo_optimizer(named, hyper["lr"], hyper["eps"], hyper["weight_decay"], log["seed"], hyper["restore"],
+                     hyper.get("sparsity")).replay(traj[: log["best_step"]])
+        return _finish(model)
+    tensors = load_file(str(run_dir / "tuned.safetensors"))
+    params = dict(named)
+    missing = set(params) - set(tensors)
+    if missing:
+        raise DLZOError(f"{run_dir / 'tuned.safetensors'} lacks tuned tensors {sorted(missing)[:3]}...")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(tensors[name].to(p.device, p.dtype))
+    return _finish(model)
+
+
+def _finish(model):
+    if hasattr(model, "merge_and_unload"):  # LoRA folded into the weights: a plain model for lm-eval
+        model = model.merge_and_unload()
+    model.eval()
+    return model
