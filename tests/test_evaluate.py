@@ -11,7 +11,6 @@ import re
 import subprocess
 import sys
 import time
-import types
 
 import pytest
 import torch
@@ -224,14 +223,14 @@ def test_main_writes_result(tiny, tmp_path, monkeypatch):
     assert (tmp_path / "res" / "zero.lm_eval" / "dlzo_sst2.yaml").exists()
     assert "--include_path" in res["lm_eval_cli"] and "dlzo_sst2" in res["lm_eval_cli"]
 
-    # --run goes through dlzo.train.load_tuned_model (stubbed here: the base model, call recorded)
+    # --run goes through dlzo.tuning.load_tuned_model (stubbed here: the base model, call recorded)
     calls = []
 
     def load_tuned_model(model_dir, run_dir, device, dtype):
         calls.append(run_dir)
         return load_model(model_dir, device, dtype)
 
-    monkeypatch.setitem(sys.modules, "dlzo.train", types.SimpleNamespace(load_tuned_model=load_tuned_model))
+    monkeypatch.setattr("dlzo.tuning.load_tuned_model", load_tuned_model)
     main(["--model", str(model_dir), "--data", str(data), "--task", "sst2", "--run", str(tmp_path / "run"),
           "--out", str(out), "--batch-size", "4", "--device", "cpu", "--method", "dominant"])
     res = json.loads(out.read_text())

@@ -665,6 +665,47 @@ RANK_NOTE = ("max |h|: the outlier probe's largest |layer output|; ZO RMS(g): RM
              "sweep does).")
 
 
+def _speedup_texts(sp: pd.DataFrame) -> dict[str, str]:
+    if sp.empty:
+        return {"speedup.md": "no training runs\n", "speedup.tex": "% no training runs\n",
+                "speedup.html": to_html([], "Speed", "no training runs")}
+    sp_t, flags = speedup_tables(sp)
+    inf = "; inference peak: the same model and batch, inference only (peak / inference: what training adds)" \
+        if sp["inference_peak_mb"].notna().any() else ""
+    note = SPEED_NOTE.format(inf=inf) + (
+        "\n\nNotes (disagreements with the benchmark files; runs resumed from a partial trajectory):\n"
+        + "\n".join(f"{i}. {f}" for i, f in enumerate(flags, 1))
+        if flags else "\n\nBenchmark cross-check: every run agrees with its benchmark file.")
+    return {"speedup.md": to_markdown(sp_t, note), "speedup.tex": to_latex(sp_t, note),
+            "speedup.html": to_html(sp_t, "Speed", note)}
+
+
+def _comparison(acc, sp, models, paper_path, paper_map, proto) -> tuple[pd.DataFrame, dict[str, str]]:
+    paper = load_paper(paper_path)
+    names = paper_names(models, paper_map or {}, paper)
+    cmp = paper_comparison(acc, sp if not sp.empty else pd.DataFrame(columns=["model", "task", "method"]), paper, names)
+    cmp_t = comparison_tables(cmp, names, paper)
+    note = comparison_note(names, paper, Path(paper_path).name) + "\n\n" + proto
+    if cmp.empty:
+        note = "No paper number has a counterpart in these results.\n\n" + note
+    return cmp, {"paper_comparison.md": to_markdown(cmp_t, note),
+                 "paper_comparison.html": to_html(cmp_t, "Paper vs ours", note)}
+
+
+def _write(out: Path, texts: dict[str, str], frames: dict[str, pd.DataFrame]) -> None:
+    for name, text in texts.items():
+        with atomic_path(out / name) as tmp:
+            tmp.write_text(text)
+    for name, df in frames.items():
+        with atomic_path(out / name) as tmp:
+            df.to_csv(tmp, index=False, float_format="%.6g")
+
+
+def _by_model(paths, kind: str, what: str) -> dict[str, dict]:
+    """Per-model JSON files (probe, sensitivity, gradnorm), keyed by the model their path names."""
+    return {parse(kind, p, what)["model"]: read_json(p, what) for p in paths}
+
+
 def write_tables(evals_paths, log_paths, probe_paths, out_dir, bench_paths=(), meta_paths=(), paper_path=None,
                  paper_map: dict[str, str] | None = None, selection_paths=(), sensitivity_paths=(),
                  gradnorm_paths=()) -> dict:
@@ -677,73 +718,39 @@ def write_tables(evals_paths, log_paths, probe_paths, out_dir, bench_paths=(), m
     if evals.empty:
         raise DLZOError("no evaluation results were given: nothing to tabulate")
     bench, metas = load_benchmarks(list(bench_paths), chosen), load_metas(list(meta_paths))
-    probes = {parse("probe", p, "probe result")["model"]: read_json(p, "probe result") for p in probe_paths}
+    probes = _by_model(probe_paths, "probe", "probe result")
     runs = logs.runs
     proto = protocol_note(evals, metas)
 
     acc = accuracy_table(evals, runs)
-    files = {"accuracy.csv": acc}
     acc_t = accuracy_tables(acc, runs, evals) + calibration_gap_tables(acc, runs)
     texts = {"accuracy.md": to_markdown(acc_t, ACC_NOTE + "\n\n" + proto),
              "accuracy.tex": to_latex(acc_t, ACC_NOTE + "\n" + proto),
              "accuracy.html": to_html(acc_t, "Accuracy", ACC_NOTE + "\n\n" + proto)}
-
     sp = speedup_table(runs, bench) if not runs.empty else pd.DataFrame()
-    files["speedup.csv"] = sp
-    if sp.empty:
-        texts.update({"speedup.md": "no training runs\n", "speedup.tex": "% no training runs\n",
-                      "speedup.html": to_html([], "Speed", "no training runs")})
-    else:
-        sp_t, flags = speedup_tables(sp)
-        inf = "; inference peak: the same model and batch, inference only (peak / inference: what training adds)" \
-            if sp["inference_peak_mb"].notna().any() else ""
-        note = SPEED_NOTE.format(inf=inf) + (
-            "\n\nNotes (disagreements with the benchmark files; runs resumed from a partial trajectory):\n"
-            + "\n".join(f"{i}. {f}" for i, f in enumerate(flags, 1))
-            if flags else "\n\nBenchmark cross-check: every run agrees with its benchmark file.")
-        texts.update({"speedup.md": to_markdown(sp_t, note), "speedup.tex": to_latex(sp_t, note),
-                      "speedup.html": to_html(sp_t, "Speed", note)})
-
+    texts.update(_speedup_texts(sp))
+    frames = {"accuracy.csv": acc, "speedup.csv": sp}
     cmp = pd.DataFrame()
     if paper_path:
-        paper = load_paper(paper_path)
-        names = paper_names(sorted(evals["model"].unique()), paper_map or {}, paper)
-        cmp = paper_comparison(acc, sp if not sp.empty else pd.DataFrame(columns=["model", "task", "method"]),
-                               paper, names)
-        cmp_t = comparison_tables(cmp, names, paper)
-        note = comparison_note(names, paper, Path(paper_path).name) + "\n\n" + proto
-        if cmp.empty:
-            note = "No paper number has a counterpart in these results.\n\n" + note
-        texts.update({"paper_comparison.md": to_markdown(cmp_t, note),
-                      "paper_comparison.html": to_html(cmp_t, "Paper vs ours", note)})
-        files["paper_comparison.csv"] = cmp
+        cmp, cmp_texts = _comparison(acc, sp, sorted(evals["model"].unique()), paper_path, paper_map, proto)
+        texts.update(cmp_texts)
+        frames["paper_comparison.csv"] = cmp
+    _write(out, texts, frames)
 
-    for name, text in texts.items():
-        with atomic_path(out / name) as tmp:
-            tmp.write_text(text)
-    for name, df in files.items():
-        with atomic_path(out / name) as tmp:
-            df.to_csv(tmp, index=False, float_format="%.6g")
     sel_t = selection_tables(sel)
-    texts = {"hyper_selection.md": to_markdown(sel_t, SEL_NOTE) if sel_t else
-             "No method has a grid in this config: every lr and eps is a single value (train.hyper).\n"}
-    sens = {parse("sensitivity", p, "sensitivity profile")["model"]: read_json(p, "sensitivity profile")
-            for p in sensitivity_paths}
-    grads = {parse("gradnorm", p, "gradient norms")["model"]: read_json(p, "gradient norms") for p in gradnorm_paths}
+    sens = _by_model(sensitivity_paths, "sensitivity", "sensitivity profile")
+    grads = _by_model(gradnorm_paths, "gradnorm", "gradient norms")
     per_layer, corr = layer_ranking(evals, runs, probes, sens, grads)
     rank_t = ranking_tables(per_layer, corr)
-    texts["layer_ranking.md"] = to_markdown(rank_t, RANK_NOTE) if rank_t else "No per-layer predictor in this config.\n"
-    for name, text in texts.items():
-        with atomic_path(out / name) as tmp:
-            tmp.write_text(text)
-    for name, df in {"hyper_selection.csv": sel, "layer_ranking.csv": per_layer, "layer_correlations.csv": corr}.items():
-        with atomic_path(out / name) as tmp:
-            df.to_csv(tmp, index=False, float_format="%.6g")
-    for model in sorted(set(sens) & set(grads)):
-        if model in probes:
-            raw = not ((evals["model"] == model) & (evals["method"] == "zero-shot")).any()
-            figures.layer_predictors(per_layer[per_layer["model"] == model], probes[model], sens[model],
-                                     grads[model], model, out / f"layer_predictors_{model}.png", raw)
+    _write(out, {"hyper_selection.md": to_markdown(sel_t, SEL_NOTE) if sel_t else
+                 "No method has a grid in this config: every lr and eps is a single value (train.hyper).\n",
+                 "layer_ranking.md": to_markdown(rank_t, RANK_NOTE) if rank_t else
+                 "No per-layer predictor in this config.\n"},
+           {"hyper_selection.csv": sel, "layer_ranking.csv": per_layer, "layer_correlations.csv": corr})
+    for model in sorted(set(sens) & set(grads) & set(probes)):
+        raw = not ((evals["model"] == model) & (evals["method"] == "zero-shot")).any()
+        figures.layer_predictors(per_layer[per_layer["model"] == model], probes[model], sens[model],
+                                 grads[model], model, out / f"layer_predictors_{model}.png", raw)
     best = best_layer_rows(evals, runs)
     figures.layer_sweep(evals, runs, probes, best, out / "layer_sweep.png")
     figures.loss_curves(logs, best, out / "loss_curves.png")
