@@ -89,11 +89,15 @@ study-sst2-sweep-reference: study-sst2-sweep
 tiny: setup
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(SNAKEMAKE) --configfile workflow/configs/tiny.yaml
 
+# pytest-xdist: a worker a core, each test module whole in one worker (test_workflow.py's tests share one run of
+# the tiny DAG), longest first (tests/conftest.py). Plain `pytest` (one process) runs the same tests.
+PYTEST := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q -ra -n $(CORES) --dist loadscope --no-loadscope-reorder
+
 test: setup
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q -ra
+	$(PYTEST)
 
 test-fast: setup
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q -ra -m "not slow"
+	$(PYTEST) -m "not slow"
 
 lint: setup
 	$(BIN)/snakemake --lint --workflow-profile none

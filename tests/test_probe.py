@@ -24,20 +24,6 @@ CPU = torch.device("cpu")
 TEXTS = BUILTIN_TEXTS[:6]
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """tiny(arch, k) -> (model dir, model, tokenizer); each model is built once per module."""
-    cache = {}
-
-    def get(arch="llama", k=None):
-        if (arch, k) not in cache:
-            d = tmp_path_factory.mktemp(f"{arch}_{k}")
-            build_tiny(d, arch=arch, layers=4, outlier_layer=k)
-            cache[arch, k] = (d, load_model(d, CPU, torch.float32), load_tokenizer(d))
-        return cache[arch, k]
-    return get
-
-
 def resolve_dominant_layer(probe_json, pinned, model_name):
     """The dominant method's layer and how it was decided (``dlzo.methods.resolve_layer``)."""
     return resolve_layer(parse_method("dominant"), probe_json, pinned, model_name)
@@ -48,8 +34,8 @@ def no_hooks(model):
 
 
 @pytest.mark.parametrize("k", [1, 2])
-def test_finds_the_planted_layer(tiny, k):
-    _, model, tok = tiny("llama", k)
+def test_finds_the_planted_layer(tiny_models, k):
+    _, model, tok = tiny_models("llama", k)
     r = probe(model, tok, TEXTS)
     assert r["first_outlier_layer"] == k and r["num_layers"] == 4
     assert [L["is_outlier"] for L in r["layers"]] == [i >= k for i in range(4)]  # it persists downstream
@@ -59,9 +45,9 @@ def test_finds_the_planted_layer(tiny, k):
     assert next(p for p in r["picks"] if p["label"] == "Sun et al. 2024")["first_outlier_layer"] == k
 
 
-def test_stats_match_brute_force(tiny):
+def test_stats_match_brute_force(tiny_models):
     """max, median, n_over and the top entries against every hidden state kept in full."""
-    _, model, tok = tiny("llama", 1)
+    _, model, tok = tiny_models("llama", 1)
     full = {}
     hs = [b.register_forward_hook(lambda m, a, o, i=i: full.__setitem__(i, o[0] if isinstance(o, tuple) else o))
           for i, b in enumerate(decoder_layers(model))]
@@ -90,8 +76,8 @@ def test_stats_match_brute_force(tiny):
     assert r["layers"][0]["n_over"] == 0 and r["layers"][1]["n_over"] > 0
 
 
-def test_abs_threshold(tiny):
-    _, model, tok = tiny("llama", 1)
+def test_abs_threshold(tiny_models):
+    _, model, tok = tiny_models("llama", 1)
     r = probe(model, tok, TEXTS, abs_threshold=1e12)
     assert r["first_outlier_layer"] is None and not any(L["is_outlier"] for L in r["layers"])
     assert all(L["n_over"] == 0 for L in r["layers"])
@@ -104,9 +90,9 @@ def test_abs_threshold(tiny):
     assert lo["first_outlier_layer"] == 0 and lo["layers"][1]["n_over"] > lo["layers"][1]["top"].__len__()
 
 
-def test_ratio_threshold_moves_the_pick(tiny):
+def test_ratio_threshold_moves_the_pick(tiny_models):
     """Layer 1 holds a planted outlier; make layer 2's 10x larger: a ratio between the two picks 2."""
-    d, _, tok = tiny("llama", 1)
+    d, _, tok = tiny_models("llama", 1)
     model = load_model(d, CPU, torch.float32)
     with torch.no_grad():
         decoder_layers(model)[2].mlp.down_proj.weight[7].mul_(1e7)
@@ -122,8 +108,8 @@ def test_ratio_threshold_moves_the_pick(tiny):
         assert L["is_outlier"] == (L["max_abs"] > 100 and L["max_abs"] > (r1 * r2) ** 0.5 * L["median_abs"])
 
 
-def test_no_outlier_model_needs_a_pin(tiny, tmp_path):
-    _, model, tok = tiny("llama", None)
+def test_no_outlier_model_needs_a_pin(tiny_models, tmp_path):
+    _, model, tok = tiny_models("llama", None)
     r = probe(model, tok, TEXTS, model_name="tiny-none")
     assert r["first_outlier_layer"] is None and "dominant_layer" in r["note"] and "tiny-none" in r["note"]
     path = tmp_path / "probe.json"
@@ -138,16 +124,16 @@ def test_no_outlier_model_needs_a_pin(tiny, tmp_path):
         resolve_dominant_layer(tmp_path / "missing.json", None, "tiny-none")
 
 
-def test_resolve_uses_the_probe(tiny, tmp_path):
-    _, model, tok = tiny("llama", 2)
+def test_resolve_uses_the_probe(tiny_models, tmp_path):
+    _, model, tok = tiny_models("llama", 2)
     path = tmp_path / "probe.json"
     path.write_text(json.dumps(probe(model, tok, TEXTS)))
     assert resolve_dominant_layer(path, None, "tiny") == (2, "probe")
     assert resolve_dominant_layer(path, 0, "tiny") == (0, "pinned")  # a pin wins over the probe
 
 
-def test_hooks_are_removed(tiny):
-    _, model, tok = tiny("llama", 1)
+def test_hooks_are_removed(tiny_models):
+    _, model, tok = tiny_models("llama", 1)
     probe(model, tok, TEXTS)
     assert no_hooks(model)
     tok.padding_side = "left"
@@ -163,8 +149,8 @@ def test_hooks_are_removed(tiny):
     assert no_hooks(model) and tok.padding_side == "left"  # the tokenizer is given back as it was
 
 
-def test_batching_and_padding_do_not_change_stats(tiny):
-    _, model, tok = tiny("llama", 1)
+def test_batching_and_padding_do_not_change_stats(tiny_models):
+    _, model, tok = tiny_models("llama", 1)
     texts = ["Hi.", BUILTIN_TEXTS[0], "A much longer text: " + BUILTIN_TEXTS[4], "Yes?"]
     alone = probe(model, tok, texts, batch_size=1)  # no padding at all
     for bs in (2, 4):
@@ -179,8 +165,8 @@ def test_batching_and_padding_do_not_change_stats(tiny):
 
 
 @pytest.mark.parametrize("arch", ["qwen3", "mistral"])
-def test_other_architectures(tiny, arch):
-    _, model, tok = tiny(arch, 2)
+def test_other_architectures(tiny_models, arch):
+    _, model, tok = tiny_models(arch, 2)
     r = probe(model, tok, TEXTS)
     assert r["first_outlier_layer"] == 2 and r["layers"][2]["top"][0]["channel"] == 7
     assert no_hooks(model)
@@ -219,8 +205,8 @@ def test_calibration_sources(tmp_path):
         load_calibration([str(tmp_path / "nope.txt")], 8)
 
 
-def test_cli_writes_json_and_png(tiny, tmp_path):
-    d, _, _ = tiny("llama", 1)
+def test_cli_writes_json_and_png(tiny_models, tmp_path):
+    d, _, _ = tiny_models("llama", 1)
     (tmp_path / "cal.txt").write_text("\n".join(BUILTIN_TEXTS[:5]))
     out, png = tmp_path / "o" / "probe.json", tmp_path / "o" / "probe.png"
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
@@ -250,8 +236,8 @@ def test_cli_writes_json_and_png(tiny, tmp_path):
         main(["sensitivity", "--model", str(d)])
 
 
-def test_plot_without_outlier(tiny, tmp_path):
-    _, model, tok = tiny("llama", None)
+def test_plot_without_outlier(tiny_models, tmp_path):
+    _, model, tok = tiny_models("llama", None)
     r = probe(model, tok, TEXTS)
     plot_profile(r, tmp_path / "p.png", title="none")
     assert (tmp_path / "p.png").stat().st_size > 10_000

@@ -26,20 +26,6 @@ REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """tiny(arch, k) -> (model dir, model, tokenizer); each model is built once per module."""
-    cache = {}
-
-    def get(arch="llama", k=None):
-        if (arch, k) not in cache:
-            d = tmp_path_factory.mktemp(f"{arch}_{k}")
-            build_tiny(d, arch=arch, layers=4, outlier_layer=k)
-            cache[arch, k] = (d, load_model(d, CPU, torch.float32), load_tokenizer(d))
-        return cache[arch, k]
-    return get
-
-
 def no_hooks(model):
     return all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
 
@@ -58,8 +44,8 @@ def sens_batches(d, tok, sst2_data, n=2, bs=2):
     return sensitivity_batches(tok, sst2_data, "sst2", n, bs, 0, 128, CPU)[0]
 
 
-def test_sensitivity_is_deterministic_and_restores_the_model(tiny, sst2_data):
-    d, model, tok = tiny("llama", 1)
+def test_sensitivity_is_deterministic_and_restores_the_model(tiny_models, sst2_data):
+    d, model, tok = tiny_models("llama", 1)
     before = state(model)
     a = sensitivity(model, sens_batches(d, tok, sst2_data), k=3, eps=1e-3, seed=0)
     assert same_bits(before, state(model)) and no_hooks(model)
@@ -77,8 +63,8 @@ def test_sensitivity_is_deterministic_and_restores_the_model(tiny, sst2_data):
         assert L["n_params"] == sum(p.numel() for p in decoder_layers(model)[L["index"]].parameters())
 
 
-def test_sensitivity_restores_the_model_after_an_error(tiny, sst2_data):
-    d, model, tok = tiny("llama", 1)
+def test_sensitivity_restores_the_model_after_an_error(tiny_models, sst2_data):
+    d, model, tok = tiny_models("llama", 1)
     before, calls = state(model), []
 
     def fail_later(module, args, output):
@@ -94,9 +80,9 @@ def test_sensitivity_restores_the_model_after_an_error(tiny, sst2_data):
     assert same_bits(before, state(model)) and no_hooks(model)
 
 
-def test_sensitivity_draws_what_zosgd_draws(tiny, sst2_data):
+def test_sensitivity_draws_what_zosgd_draws(tiny_models, sst2_data):
     """Draw j of layer i on batch b is exactly the step j that ZO-SGD with the same seed takes on b."""
-    d, model, tok = tiny("llama", 1)
+    d, model, tok = tiny_models("llama", 1)
     batch = sens_batches(d, tok, sst2_data, n=1)[0]
     r = sensitivity(model, [batch], k=3, eps=1e-3, seed=5, layers=[2], prefix=False)
     assert [L["index"] for L in r["layers"]] == [2] and r["prefix_cache"] == "off"
@@ -116,9 +102,9 @@ def layer_grad_norms(model, batch):
             for blk in decoder_layers(model)]
 
 
-def test_sensitivity_rms_estimates_the_layer_gradient_norm(tiny, sst2_data):
+def test_sensitivity_rms_estimates_the_layer_gradient_norm(tiny_models, sst2_data):
     """E[g^2] = |grad|^2 for z ~ N(0, I): the RMS of g follows autograd's per-layer gradient norm."""
-    d, _, tok = tiny("llama", None)
+    d, _, tok = tiny_models("llama", None)
     model = load_model(d, CPU, torch.float32)
     batch = sens_batches(d, tok, sst2_data, n=1, bs=3)[0]
     r = sensitivity(model, [batch], k=200, eps=1e-3, seed=0)
@@ -128,10 +114,10 @@ def test_sensitivity_rms_estimates_the_layer_gradient_norm(tiny, sst2_data):
     assert r["most_sensitive_layer"] == max(range(4), key=lambda i: r["layers"][i]["g"]["std"])
 
 
-def test_sensitivity_separates_the_layers_a_massive_activation_drowns(tiny, sst2_data):
+def test_sensitivity_separates_the_layers_a_massive_activation_drowns(tiny_models, sst2_data):
     """Planted outlier at layer 1: the layers after it barely move the loss (autograd agrees), the
     layers feeding it move it > 100x more."""
-    d, _, tok = tiny("llama", 1)
+    d, _, tok = tiny_models("llama", 1)
     model = load_model(d, CPU, torch.float32)
     batch = sens_batches(d, tok, sst2_data, n=1, bs=3)[0]
     r = sensitivity(model, [batch], k=20, eps=1e-3, seed=0)
@@ -142,8 +128,8 @@ def test_sensitivity_separates_the_layers_a_massive_activation_drowns(tiny, sst2
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3", "mistral"])
-def test_sensitivity_other_architectures(tiny, sst2_data, arch):
-    d, model, tok = tiny(arch, 2)
+def test_sensitivity_other_architectures(tiny_models, sst2_data, arch):
+    d, model, tok = tiny_models(arch, 2)
     before = state(model)
     batches = sens_batches(d, tok, sst2_data, n=1)
     fast = sensitivity(model, batches, k=2, layers=[0, 3])
@@ -155,8 +141,8 @@ def test_sensitivity_other_architectures(tiny, sst2_data, arch):
     assert same_bits(before, state(model)) and no_hooks(model)
 
 
-def test_sensitivity_cli(tiny, sst2_data, tmp_path):
-    d, _, tok = tiny("llama", 1)
+def test_sensitivity_cli(tiny_models, sst2_data, tmp_path):
+    d, _, tok = tiny_models("llama", 1)
     probe_json = tmp_path / "probe.json"
     assert probe_main(["--model", str(d), "--out", str(probe_json), "--threads", "1"]) == 0
     out, png = tmp_path / "o" / "sensitivity.json", tmp_path / "o" / "sensitivity_profile.png"
@@ -193,10 +179,10 @@ def test_sensitivity_cli(tiny, sst2_data, tmp_path):
 
 # --- first-order gradient norms ------------------------------------------------------------------------
 
-def test_gradient_norms_equal_autograd_and_leave_the_model_as_it_was(tiny, sst2_data):
+def test_gradient_norms_equal_autograd_and_leave_the_model_as_it_was(tiny_models, sst2_data):
     """Per-batch squared norms summed by hooks = autograd's per-layer norms; RMS over batches; no gradient,
     requires_grad flag or weight changed afterwards."""
-    d, _, tok = tiny("llama", 1)
+    d, _, tok = tiny_models("llama", 1)
     model = load_model(d, CPU, torch.float32)
     model.requires_grad_(False)
     before = state(model)
@@ -214,11 +200,11 @@ def test_gradient_norms_equal_autograd_and_leave_the_model_as_it_was(tiny, sst2_
     assert r["other_params_rms_norm"] > 0 and len(r["losses"]) == 2
 
 
-def test_probes_on_shared_prompt_batches_measure_what_per_candidate_batches_do(tiny, sst2_one_byte_data, tmp_path):
+def test_probes_on_shared_prompt_batches_measure_what_per_candidate_batches_do(tiny_models, sst2_one_byte_data, tmp_path):
     """--scoring shared-prompt (as the task's training runs): half the sequences, the same sensitivity
     draws and gradient norms up to float rounding; the JSON says which scoring it used."""
     data = sst2_one_byte_data
-    d, model, tok = tiny("llama", 1)
+    d, model, tok = tiny_models("llama", 1)
     per, _ = sensitivity_batches(tok, data, "sst2", 2, 2, 0, 128, CPU)
     shared, _ = sensitivity_batches(tok, data, "sst2", 2, 2, 0, 128, CPU, share_prompt=True)
     assert [b.input_ids.shape[0] for b in shared] == [2, 2] and [b.input_ids.shape[0] for b in per] == [4, 4]
@@ -235,8 +221,8 @@ def test_probes_on_shared_prompt_batches_measure_what_per_candidate_batches_do(t
     assert json.loads(out.read_text())["scoring"] == "shared-prompt"
 
 
-def test_gradnorm_cli_writes_json_and_the_three_predictor_figure(tiny, sst2_data, tmp_path):
-    d, _, _ = tiny("llama", 1)
+def test_gradnorm_cli_writes_json_and_the_three_predictor_figure(tiny_models, sst2_data, tmp_path):
+    d, _, _ = tiny_models("llama", 1)
     probe_json, sens_json = tmp_path / "probe.json", tmp_path / "sensitivity.json"
     assert probe_main(["--model", str(d), "--out", str(probe_json), "--threads", "1"]) == 0
     assert main(["sensitivity", "--model", str(d), "--data", str(sst2_data), "--task", "sst2", "--k", "2",
@@ -262,9 +248,9 @@ def test_gradnorm_cli_writes_json_and_the_three_predictor_figure(tiny, sst2_data
     assert err.value.code == 2
 
 
-def test_profiles_cli_runs_as_a_module(tiny, sst2_data, tmp_path):
+def test_profiles_cli_runs_as_a_module(tiny_models, sst2_data, tmp_path):
     """``python -m dlzo.profiles sensitivity`` as the workflow runs it; no command: usage, exit status 2."""
-    d, _, _ = tiny("llama", 1)
+    d, _, _ = tiny_models("llama", 1)
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     out = tmp_path / "sens.json"
     run = subprocess.run([sys.executable, "-m", "dlzo.profiles", "sensitivity", "--model", str(d), "--data",

@@ -363,6 +363,11 @@ def train_args(w):
                layer=(config.get("dominant_layer") or {}).get(w.model) if method.is_dominant else None)
 
 
+def profile_args(profile, keys):
+    """A per-layer profile's options: its `probe.<profile>` keys, and its task's candidate scoring."""
+    return cli(**{k: config["probe"][profile][k] for k in keys}, scoring=scoring(profile_task(profile)))
+
+
 def probe_input(w):
     """The dominant methods read the probe's JSON when they run (no checkpoint: the DAG does not depend on it)."""
     return [L.probe(w.model)] if M.parse_method(run_of(w).method).is_dominant else []

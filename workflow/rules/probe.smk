@@ -25,10 +25,6 @@ rule probe_outliers:
         "{params.probe} {params.runtime} > {log} 2>&1"
 
 
-def profile_args(profile, keys):
-    return cli(**{k: config["probe"][profile][k] for k in keys}, scoring=scoring(profile_task(profile)))
-
-
 # The perturbation-sensitivity profile: per layer, k single-layer ZO perturbations on training batches
 # (inference only). Beside the probe; it reads the probe's JSON only to record its layer's rank.
 rule probe_sensitivity:
