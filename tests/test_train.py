@@ -99,7 +99,7 @@ def test_nan_loss_stops_with_step_and_keeps_trajectory(tmp_path, tiny_model, sst
         return torch.tensor(float(bad)) if calls["n"] > 4 + 1 else real(model, batch, prefix)
 
     monkeypatch.setattr(train_mod, "objective_loss", diverging)
-    monkeypatch.setattr(train_mod, "_mean_loss", lambda *a: 0.5)  # dev loss: not a training forward
+    monkeypatch.setattr(train_mod, "mean_loss", lambda *a: 0.5)  # dev loss: not a training forward
     with pytest.raises(DLZOError, match=r"non-finite loss at step 2.*trajectory up to step 1"):
         run(tmp_path, tiny_model, sst2_data, "mezo-full", extra=["--steps", "10"], name="nan")
     partial = tmp_path / "nan" / "trajectory.partial.jsonl"
@@ -291,12 +291,12 @@ def _train_set_loss(model_dir, run_dir, data, objective):
     """Mean training loss over the whole training split, of the base model (run_dir None) or a run's best."""
     from dlzo.io import read_jsonl
     from dlzo.models import load_tokenizer
-    from dlzo.train import _mean_loss
+    from dlzo.train import mean_loss
 
     cpu = torch.device("cpu")
     model = (load_tuned_model(model_dir, run_dir, cpu, torch.float32) if run_dir
              else load_model(model_dir, cpu, torch.float32))
-    return _mean_loss(model, load_tokenizer(model_dir), read_jsonl(data / "train.jsonl"), objective, cpu, 8, 512)
+    return mean_loss(model, load_tokenizer(model_dir), read_jsonl(data / "train.jsonl"), objective, cpu, 8, 512)
 
 
 def test_fo_adamw_lowers_the_training_loss(tmp_path, tiny_model, squad_data):
@@ -419,7 +419,7 @@ def test_on_nonfinite_stop_keeps_the_best_checkpoint_before_it(tmp_path, tiny_mo
 
     dev = iter([0.9, 0.7, 0.8])  # dev loss at steps 0, 2, 4: the best checkpoint is step 2
     monkeypatch.setattr(train_mod, "objective_loss", diverging)
-    monkeypatch.setattr(train_mod, "_mean_loss", lambda *a: next(dev))
+    monkeypatch.setattr(train_mod, "mean_loss", lambda *a: next(dev))
     res, out = run(tmp_path, tiny_model, sst2_data, "layer-2", extra=["--steps", "10", "--on-nonfinite", "stop"])
     assert res["hyper"]["diverged_at_step"] == 5
     assert [p["step"] for p in res["dev_curve"]] == [0, 2, 4]

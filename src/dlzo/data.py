@@ -162,7 +162,7 @@ def _permutation(n: int, seed: int) -> list[int]:
     return np.random.RandomState(seed).permutation(n).tolist()
 
 
-def _scale(requested: dict[str, int], n: int) -> dict[str, int]:
+def scale_sizes(requested: dict[str, int], n: int) -> dict[str, int]:
     total = sum(requested.values())
     if total <= n:
         return dict(requested)
@@ -190,7 +190,7 @@ def _sample(protocol: str, pools: dict[str, Pool], requested: dict[str, int], se
         return {"train": (train_pool, picked[:take - dev]), "dev": (train_pool, picked[take - dev:]),
                 "test": (test_pool, _permutation(n_test, seed)[:requested["test"]])}
     pool = pools["all"]
-    sizes = _scale(requested, len(pool.rows))
+    sizes = scale_sizes(requested, len(pool.rows))
     if sizes != requested:
         warnings.append(f"{pool.origin} has {len(pool.rows)} rows < train+dev+test "
                         f"{sum(requested.values())}: scaled to {sizes}")

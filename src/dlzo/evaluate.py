@@ -274,7 +274,7 @@ def _argmax_first(sc) -> int:
     return max(range(len(sc)), key=lambda k: (sc[k], -k))
 
 
-def _accuracy(scores, labels, offsets) -> float:
+def offset_accuracy(scores, labels, offsets) -> float:
     hits = [_argmax_first([a + b for a, b in zip(sc, offsets)]) == y for sc, y in zip(scores, labels)]
     return sum(hits) / len(hits)
 
@@ -312,18 +312,19 @@ def calibrate(model, tokenizer, task: str, data_dir, tasks_dir, batch_size: int 
     grid = []
     for l2 in l2s:
         off = fit_offsets(tr, ytr, float(l2))
-        grid.append({"l2": float(l2), "offsets": off, "train_acc": _accuracy(tr, ytr, off),
-                     "dev_acc": _accuracy(dv, ydv, off), "dev_ce": dev_ce(off)})
+        grid.append({"l2": float(l2), "offsets": off, "train_acc": offset_accuracy(tr, ytr, off),
+                     "dev_acc": offset_accuracy(dv, ydv, off), "dev_ce": dev_ce(off)})
     best = max(range(len(grid)), key=lambda i: (grid[i]["dev_acc"], -grid[i]["dev_ce"], -i))
     chosen = grid[best]
     zero = [0.0] * len(chosen["offsets"])
-    uncal = _accuracy(te, yte, zero)
-    value = _accuracy(te, yte, chosen["offsets"])
+    uncal = offset_accuracy(te, yte, zero)
+    value = offset_accuracy(te, yte, chosen["offsets"])
     seconds = time.time() - started
     result = {"task": task, "kind": "multiple_choice", "metric": metric, "value": value,
               "metrics": {metric: value, f"{metric}_uncalibrated": uncal, f"dev_{metric}": chosen["dev_acc"],
-                          f"dev_{metric}_uncalibrated": _accuracy(dv, ydv, zero),
-                          f"train_{metric}": chosen["train_acc"], f"train_{metric}_uncalibrated": _accuracy(tr, ytr, zero)},
+                          f"dev_{metric}_uncalibrated": offset_accuracy(dv, ydv, zero),
+                          f"train_{metric}": chosen["train_acc"],
+                          f"train_{metric}_uncalibrated": offset_accuracy(tr, ytr, zero)},
               "offsets": chosen["offsets"], "l2": chosen["l2"], "grid": grid,
               "predicted_share": [sum(_argmax_first([a + b for a, b in zip(s_, chosen["offsets"])]) == c for s_ in te) / len(te)
                                   for c in range(len(zero))],

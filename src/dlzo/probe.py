@@ -93,7 +93,7 @@ def load_calibration(paths: list[str] | None, n_seqs: int) -> tuple[list[str], s
     return texts[:n_seqs], [str(p) for p in paths]
 
 
-class _LayerStats:
+class LayerStats:
     """Running statistics of one layer's output |h| over the non-pad positions."""
 
     def __init__(self, abs_threshold: float, topk: int):
@@ -176,7 +176,7 @@ def probe(model, tokenizer, texts: list[str], abs_threshold: float = 100.0, rati
     if min(topk, max_len, batch_size) < 1:
         raise DLZOError(f"topk, max_len and batch_size must be >= 1 (got {topk}, {max_len}, {batch_size})")
     blocks = decoder_layers(model)
-    stats = [_LayerStats(abs_threshold, topk) for _ in blocks]
+    stats = [LayerStats(abs_threshold, topk) for _ in blocks]
     state: dict = {}
 
     def hook_for(i):

@@ -179,7 +179,7 @@ class RunSpec:
         return self.asked | {k: getattr(self, k) for k in resolved}
 
 
-def _mean_loss(model, tokenizer, records, objective, device, batch_size, max_len,
+def mean_loss(model, tokenizer, records, objective, device, batch_size, max_len,
                amp=contextlib.nullcontext, share_prompt: bool = False) -> float:
     total, n = 0.0, 0
     with torch.no_grad(), amp():
@@ -234,7 +234,7 @@ class Run:
         s = self.spec
         if not self.dev_eval:
             return float("nan")
-        return _mean_loss(self.model, self.tokenizer, self.dev_eval, self.task.objective, self.device,
+        return mean_loss(self.model, self.tokenizer, self.dev_eval, self.task.objective, self.device,
                           s.eval_batch_size, s.max_len, self.amp, s.scoring == "shared-prompt")
 
     def prefix(self):
