@@ -1,9 +1,10 @@
 """dlzo: Dominant-Layer zeroth-order fine-tuning of LLMs.
 
-One module per pipeline stage, each runnable as ``python -m dlzo.<stage>``:
-download (model), data (task splits), probe (outlier layers), train (ZO-SGD),
-evaluate (lm-eval), tables (paper tables and figures). The optimizer lives in
-``dlzo.zo``; model helpers in ``dlzo.models``; the task table in ``dlzo.tasks``.
+One module per pipeline stage, each runnable as ``python -m dlzo.<stage>``: download (model), data (task
+splits), probe (outlier layers), profiles (ZO sensitivity, gradient norms), train (ZO-SGD and the first-order
+baselines), select (a grid's dev pick), evaluate (lm-eval), tables (paper tables), figures (every plot), bench.
+Below them: tuning (a run's model), models, zo (the optimizer), objectives (losses); and the torch-free base:
+methods (the method grammar), layout (result paths), tasks (the task table), io, runtime, render.
 """
 
 __version__ = "0.1.0"
