@@ -277,10 +277,9 @@ def scoring_bench(model_dir: str, data: str, task: str, batch_size: int, max_len
     from dlzo import DLZOError
     from dlzo.io import read_jsonl
     from dlzo.models import load_model, load_tokenizer
-    from dlzo.objectives import loss, make_batch
+    from dlzo.objectives import batch_indices, loss, make_batch
     from dlzo.runtime import pick_device, set_threads
     from dlzo.tasks import get_task
-    from dlzo.objectives import batch_indices
     from dlzo.tuning import weights_dtype
 
     set_threads(threads)

@@ -35,7 +35,6 @@ TEMPLATES = {
     "sensitivity_png": "probe/{model}/sensitivity_profile.png",
     "gradnorm": "probe/{model}/gradnorm.json",
     "predictors_png": "probe/{model}/layer_predictors.png",
-    "run": "train/{model}/{task}/{run}/seed{seed}",
     "train_log": "train/{model}/{task}/{run}/seed{seed}/log.json",
     "tuned": "train/{model}/{task}/{run}/seed{seed}/tuned.safetensors",
     "trajectory": "train/{model}/{task}/{run}/seed{seed}/trajectory.jsonl",
@@ -85,9 +84,6 @@ class Layout:
     def probe(self, model, what: str = "probe") -> str:
         """``what``: probe, probe_png, sensitivity, sensitivity_png, gradnorm or predictors_png."""
         return self.path(what, model=model)
-
-    def run(self, model, task, run, seed) -> str:
-        return self.path("run", model=model, task=task, run=run, seed=seed)
 
     def train_log(self, model, task, run, seed) -> str:
         return self.path("train_log", model=model, task=task, run=run, seed=seed)
@@ -167,8 +163,8 @@ def imported_modules(path: str | Path) -> list[str]:
     out = []
     for node in ast.walk(ast.parse(Path(path).read_text())):
         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            if node.module == "dlzo":
-                out += [a.name for a in node.names if a.name != "DLZOError" and a.name[0].islower()]
+            if node.module == "dlzo":  # `from dlzo import figures`; names that are no module are passed over
+                out += [a.name for a in node.names]
             elif node.module.startswith("dlzo."):
                 out.append(node.module.split(".")[1])
         elif isinstance(node, ast.Import):

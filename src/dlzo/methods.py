@@ -117,17 +117,6 @@ def parse_method(name: str) -> Method:
     raise DLZOError(f"unknown method {name!r}: expected {NAMES}")
 
 
-def is_method(name: str) -> bool:
-    """A method name the pipeline trains, or one of the frozen-model baselines."""
-    if name in EVAL_ONLY:
-        return True
-    try:
-        parse_method(name)
-    except DLZOError:
-        return False
-    return True
-
-
 def is_sweep(name: str) -> bool:
     """Whether ``name`` (a method or a table's method column) is a run of the single-layer sweep."""
     return bool(re.fullmatch(r"layer-\d+", name))

@@ -160,6 +160,11 @@ class RunSpec:
         return min(self.batch_size, self.n_train)
 
     @property
+    def share_prompt(self) -> bool:
+        """Candidates read at the shared prompt's last position (--scoring shared-prompt)."""
+        return self.scoring == "shared-prompt"
+
+    @property
     def masks_at(self) -> float | None:
         """sparse-mezo's frozen fraction (its magnitude masks); None for every other method."""
         return self.sparsity if self.method.family == "sparse" else None
@@ -228,14 +233,14 @@ class Run:
         s = self.spec
         idx = batch_indices(len(self.train_rows), s.bs, s.seed, step)
         return make_batch(self.tokenizer, [self.train_rows[i] for i in idx], self.task.objective, self.device,
-                          s.max_len, s.scoring == "shared-prompt")
+                          s.max_len, s.share_prompt)
 
     def dev_loss(self) -> float:
         s = self.spec
         if not self.dev_eval:
             return float("nan")
         return mean_loss(self.model, self.tokenizer, self.dev_eval, self.task.objective, self.device,
-                          s.eval_batch_size, s.max_len, self.amp, s.scoring == "shared-prompt")
+                          s.eval_batch_size, s.max_len, self.amp, s.share_prompt)
 
     def prefix(self):
         """The frozen-prefix cache of single-layer methods (None for the others, or with --prefix-cache off)."""
@@ -246,7 +251,7 @@ class Run:
         if mode == "dataset":  # fixed chunks in file order: the same bits however the run is resumed
             with self.amp():
                 prefix.fill(make_batch(self.tokenizer, self.train_rows[i:i + s.eval_batch_size], self.task.objective,
-                                       self.device, s.max_len, s.scoring == "shared-prompt")
+                                       self.device, s.max_len, s.share_prompt)
                             for i in range(0, len(self.train_rows), s.eval_batch_size))
         return prefix
 
@@ -497,8 +502,9 @@ class ZOStepper:
             hyper["sparsity"] = s.sparsity
         if self.diverged_at is not None:
             hyper["diverged_at_step"] = self.diverged_at
-        masked = [m for g in self.opt.param_groups for m in g.get("masks") or []]
-        tuned = sum(int(m.sum()) for m in masked) if s.masks_at is not None else run.n_params
+        tuned = run.n_params
+        if s.masks_at is not None:  # sparse-mezo tunes the weights its masks select
+            tuned = sum(int(m.sum()) for g in self.opt.param_groups for m in g["masks"])
         return traj, hyper, tuned
 
     def cleanup(self) -> None:

@@ -112,8 +112,8 @@ class Run:
 
     @property
     def selection(self):
-        """The selection this run trains at or stands for (a grid method's), else None."""
-        return L.selection(self.model, self.task, self.method) if len(grid_points(self.method)) > 1 else None
+        """Its method's grid selection (read by a grid point's evaluation and by a run at the grid's pick)."""
+        return L.selection(self.model, self.task, self.method)
 
 
 def trained_methods(model, task):
