@@ -8,6 +8,7 @@ import glob
 import importlib.util
 import json
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -16,7 +17,7 @@ import pytest
 import torch
 
 from dlzo import DLZOError
-from dlzo.evaluate import evaluate, main, process_results, token_f1, write_task_yaml
+from dlzo.evaluate import cli_command, evaluate, main, process_results, token_f1, write_task_yaml
 from dlzo.models import build_tiny, load_model, load_tokenizer
 
 CPU = torch.device("cpu")
@@ -47,22 +48,23 @@ SST2 = mc("sst2", [f"A film number {i}, {'fine' if i % 2 else 'dull'}. It was" f
 
 
 def hand_ll(model, tok, context, continuation):
-    """Sum of log p(continuation tokens | context), tokenising the whole string once."""
-    ctx = tok(context)["input_ids"]
+    """MeZO's score, by hand: (sum of log p of the tokens that continuation adds to tok(context), their count),
+    feeding tok(context + continuation) whole."""
     ids = tok(context + continuation)["input_ids"]
-    assert ids[:len(ctx)] == ctx
+    n = len(ids) - len(tok(context)["input_ids"])
     with torch.no_grad():
         logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
-    return sum(logp[i - 1, ids[i]].item() for i in range(len(ctx), len(ids)))
+    return sum(logp[i - 1, ids[i]].item() for i in range(len(ids) - n, len(ids))), n
 
 
 def samples(model, tok, tasks_dir, name):
     """lm-eval's per-document log (arguments and responses) for a YAML in tasks_dir."""
     import lm_eval
-    from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    out = lm_eval.simple_evaluate(model=HFLM(pretrained=model, tokenizer=tok, batch_size=4), tasks=[name],
+    from dlzo.harness import MeZOHFLM
+
+    out = lm_eval.simple_evaluate(model=MeZOHFLM(pretrained=model, tokenizer=tok, batch_size=4), tasks=[name],
                                   num_fewshot=0, log_samples=True,
                                   task_manager=TaskManager(include_path=str(tasks_dir), include_defaults=False))
     return sorted(out["samples"][name], key=lambda s: s["doc_id"])
@@ -75,8 +77,8 @@ def test_multiple_choice_yaml_and_accuracy(tiny, tmp_path):
     text = (tmp_path / "tasks" / f"{name}.yaml").read_text()
     assert name == "dlzo_sst2" and str((data / "test.jsonl").resolve()) in text
     res = evaluate(model, tok, "sst2", data, tmp_path / "tasks", batch_size=4, limit=None)
-    assert res["metric"] == "acc" and res["value"] == res["metrics"]["acc"]
-    assert 0.0 <= res["value"] <= 1.0 and 0.0 <= res["metrics"]["acc_norm"] <= 1.0
+    assert res["metric"] == "acc_per_token" and res["value"] == res["metrics"]["acc_per_token"]
+    assert all(0.0 <= res["metrics"][m] <= 1.0 for m in ("acc", "acc_norm", "acc_per_token"))
     assert res["n"] == len(SST2) and res["examples_per_s"] > 0
     assert evaluate(model, tok, "sst2", data, tmp_path / "tasks", batch_size=2, limit=3)["n"] == 3
 
@@ -89,18 +91,17 @@ def test_scored_string_is_prompt_plus_candidate(tiny, tmp_path):
     data = split(tmp_path / "data", recs)
     got = samples(model, tok, tmp_path / "tasks", write_task_yaml("sst2", data / "test.jsonl", tmp_path / "tasks"))
     assert len(got) == 3
-    for s, rec in zip(got, recs):
+    for smp, rec in zip(got, recs):
         prompt = rec["prompt"]
-        for (ctx, cont), (ll, _) in zip(s["arguments"], s["filtered_resps"]):
-            assert ctx + cont == prompt + rec["candidates"][s["arguments"].index((ctx, cont))]
-            # lm-eval moves the prompt's trailing whitespace into the continuation before scoring
-            stripped = prompt.rstrip()
-            want = hand_ll(model, tok, stripped, prompt[len(stripped):] + cont)
+        for (ctx, cont), (ll, _) in zip(smp["arguments"], smp["filtered_resps"]):
+            assert (ctx, cont) == (prompt, rec["candidates"][smp["arguments"].index((ctx, cont))])
+            # MeZO's tokens: the prompt's newline stays in the input, only the candidate's tokens are scored
+            want, n = hand_ll(model, tok, prompt, cont)
             assert ll == pytest.approx(want, abs=1e-4)
     # SST-2 style prompt (no trailing space): exactly the candidate's tokens given the prompt
     (ctx, cont), (ll, _) = got[0]["arguments"][1], got[0]["filtered_resps"][1]
     assert (ctx, cont) == (SST2[0]["prompt"], " great")
-    assert ll == pytest.approx(hand_ll(model, tok, SST2[0]["prompt"], " great"), abs=1e-4)
+    assert ll == pytest.approx(hand_ll(model, tok, SST2[0]["prompt"], " great")[0], abs=1e-4)
 
 
 def test_three_class_accuracy_matches_hand_argmax(tiny, tmp_path):
@@ -109,13 +110,14 @@ def test_three_class_accuracy_matches_hand_argmax(tiny, tmp_path):
                      for i in range(6)], ["Yes", "No", "Maybe"], [0, 1, 2, 0, 1, 2])
     data = split(tmp_path / "data", recs)
     res = evaluate(model, tok, "cb", data, tmp_path / "tasks", batch_size=4, limit=None)
-    hand = []
+    hand = {"acc": [], "acc_per_token": []}
     for r in recs:
-        stripped = r["prompt"].rstrip()
-        lls = [hand_ll(model, tok, stripped, r["prompt"][len(stripped):] + c) for c in r["candidates"]]
-        hand.append(float(max(range(3), key=lls.__getitem__) == r["label"]))
-    assert res["n"] == 6 and res["metric"] == "acc"
-    assert res["value"] == pytest.approx(sum(hand) / len(hand))
+        scores = [hand_ll(model, tok, r["prompt"], c) for c in r["candidates"]]
+        for metric, key in (("acc", lambda k: scores[k][0]), ("acc_per_token", lambda k: scores[k][0] / scores[k][1])):
+            hand[metric].append(float(max(range(3), key=lambda k: (key(k), -k)) == r["label"]))
+    assert res["n"] == 6 and res["metric"] == "acc_per_token"
+    for metric, hits in hand.items():
+        assert res["metrics"][metric] == pytest.approx(sum(hits) / len(hits))
 
 
 def test_f1_hand_values(tmp_path):
@@ -177,17 +179,24 @@ def test_lm_eval_cli_reproduces(tiny, tmp_path):
     mc_res = evaluate(model, tok, "sst2", split(tmp_path / "mc", SST2), tasks, batch_size=4, limit=None)
     recs, _, _ = gen_records(model, tok)
     gen_res = evaluate(model, tok, "squad", split(tmp_path / "gen", recs), tasks, batch_size=4, limit=None)
-    cmd = [sys.executable, "-m", "lm_eval", "run", "--model", "hf", "--model_args",
-           f"pretrained={model_dir},dtype=float32", "--include_path", str(tasks), "--tasks",
-           "dlzo_sst2,dlzo_squad", "--batch_size", "4", "--device", "cpu", "--output_path", str(tmp_path / "cli")]
+    # the command each result records (dlzo.evaluate.cli_command), run as a user would
+    cmd = shlex.split(cli_command(model_dir, tasks, "dlzo_sst2,dlzo_squad", 4, "float32", "cpu"))
+    assert cmd[:5] == ["python", "-m", "dlzo.harness", "--model", "dlzo-hf"]
+    cmd = [sys.executable, *cmd[1:], "--output_path", str(tmp_path / "cli")]
     t0 = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (path,) = glob.glob(str(tmp_path / "cli" / "**" / "results_*.json"), recursive=True)
     cli = json.loads(open(path).read())["results"]
-    assert cli["dlzo_sst2"]["acc,none"] == pytest.approx(mc_res["value"])
-    assert cli["dlzo_sst2"]["acc_norm,none"] == pytest.approx(mc_res["metrics"]["acc_norm"])
-    assert cli["dlzo_squad"]["f1,none"] == pytest.approx(gen_res["value"])
+    assert mc_res["metric"] == "acc_per_token"
+    for metric in ("acc_per_token", "acc", "acc_norm"):  # to the last digit
+        assert cli["dlzo_sst2"][f"{metric},none"] == mc_res["metrics"][metric]
+    assert cli["dlzo_squad"]["f1,none"] == gen_res["value"]
+    # lm-eval's own hf class splits tokens its way: the task refuses to score instead of mixing protocols
+    plain = [sys.executable, "-m", "lm_eval", "run", "--model", "hf", "--model_args", f"pretrained={model_dir}",
+             "--include_path", str(tasks), "--tasks", "dlzo_sst2", "--device", "cpu"]
+    proc = subprocess.run(plain, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert proc.returncode != 0 and "run it with the dlzo-hf model class" in proc.stderr
     print(f"lm-eval CLI took {time.time() - t0:.1f} s")
 
 
@@ -217,7 +226,7 @@ def test_main_writes_result(tiny, tmp_path, monkeypatch):
     main(["--model", str(model_dir), "--data", str(data), "--task", "sst2", "--out", str(out),
           "--batch-size", "4", "--device", "cpu", "--threads", "1", "--seed", "3"])
     res = json.loads(out.read_text())
-    assert res["n"] == len(SST2) and res["metric"] == "acc" and 0 <= res["value"] <= 1
+    assert res["n"] == len(SST2) and res["metric"] == "acc_per_token" and 0 <= res["value"] <= 1
     assert res["protocol"] == "demo: carved from validation" and res["seed"] == 3
     assert res["method"] == "zero-shot" and res["provenance"]["device"] == "cpu"
     assert (tmp_path / "res" / "zero.lm_eval" / "dlzo_sst2.yaml").exists()
@@ -226,7 +235,7 @@ def test_main_writes_result(tiny, tmp_path, monkeypatch):
     # --run goes through dlzo.tuning.load_tuned_model (stubbed here: the base model, call recorded)
     calls = []
 
-    def load_tuned_model(model_dir, run_dir, device, dtype):
+    def load_tuned_model(model_dir, run_dir, device, dtype, replay=False):
         calls.append(run_dir)
         return load_model(model_dir, device, dtype)
 
@@ -272,15 +281,18 @@ def test_calibrate_fits_on_train_chooses_on_dev_and_matches_lm_eval(tiny, tmp_pa
     res = calibrate(model, tok, "sst2", d, tmp_path / "tasks", batch_size=4, l2s=(0.0, 1.0))
     # the uncalibrated test accuracy is lm-eval's own (the function raises otherwise), from the same samples
     direct = evaluate(model, tok, "sst2", d, tmp_path / "tasks2", batch_size=4)
-    assert res["metrics"]["acc_uncalibrated"] == pytest.approx(direct["value"])
+    assert res["metric"] == direct["metric"] == "acc_per_token"
+    assert res["metrics"]["acc_per_token_uncalibrated"] == pytest.approx(direct["value"])
     assert res["lm_eval_test_metric"] == pytest.approx(direct["value"])
     assert [g["l2"] for g in res["grid"]] == [0.0, 1.0]
     best = max(res["grid"], key=lambda g: g["dev_acc"])
-    assert res["metrics"]["dev_acc"] == best["dev_acc"] and res["offsets"] in [g["offsets"] for g in res["grid"]]
-    # the reported value is the test accuracy of argmax(score + offset), recomputed here from lm-eval's samples
+    assert res["metrics"]["dev_acc_per_token"] == best["dev_acc"] and res["offsets"] in [g["offsets"] for g in res["grid"]]
+    # the reported value is the test accuracy of argmax(mean token log-prob + offset), recomputed here from
+    # lm-eval's samples and the candidates' token counts
     smp = samples(model, tok, tmp_path / "tasks", "dlzo_sst2_test")
-    hits = [max((r[0][0] + o, -k) for k, (r, o) in enumerate(zip(s["resps"], res["offsets"])))[1] * -1 == rec["label"]
-            for s, rec in zip(smp, recs[16:])]
+    counts = [len(tok(" terrible")["input_ids"]), len(tok(" great")["input_ids"])]  # byte tokenizer, no BOS
+    hits = [max((r[0][0] / n + o, -k) for k, (r, n, o) in enumerate(zip(s["resps"], counts, res["offsets"])))[1] * -1
+            == rec["label"] for s, rec in zip(smp, recs[16:])]
     assert res["value"] == pytest.approx(sum(hits) / len(hits))
     assert sum(res["predicted_share"]) == pytest.approx(1.0) and res["n_train"] == 10 and res["n_dev"] == 6
 

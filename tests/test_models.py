@@ -9,7 +9,8 @@ from torch import nn
 from dlzo import DLZOError
 from dlzo.download import download, parse_source
 from dlzo.models import build_tiny, decoder_layers, load_model, load_tokenizer, tuned_parameters
-from dlzo.objectives import encode_pair, loss, make_batch, sequence_scores
+from dlzo.objectives import loss, make_batch, sequence_scores
+from dlzo.tokens import encode_candidate
 
 from conftest import SMOLLM2
 
@@ -83,7 +84,8 @@ def test_candidate_loss_equals_hand_computation(tiny_model):
         for rec in recs:
             means = []
             for cand in rec["candidates"]:
-                ctx, cont = encode_pair(tok, rec["prompt"], cand)
+                enc = encode_candidate(tok, rec["prompt"], cand)
+                ctx, cont = enc.context, enc.scored
                 ids = torch.tensor([ctx + cont])
                 logp = torch.log_softmax(model(ids).logits[0].double(), -1)
                 means.append(sum(float(logp[len(ctx) + j - 1, t]) for j, t in enumerate(cont)) / len(cont))
@@ -99,7 +101,8 @@ def test_lm_loss_and_padding_invariance(tiny_model):
     with torch.no_grad():
         alone = sequence_scores(model, make_batch(tok, [short], "lm", CPU))
         padded = sequence_scores(model, make_batch(tok, [short, long], "lm", CPU))
-        ctx, cont = encode_pair(tok, short["prompt"], " blue\n")
+        enc = encode_candidate(tok, short["prompt"], " blue\n")
+        ctx, cont = enc.context, enc.scored
         logp = torch.log_softmax(model(torch.tensor([ctx + cont])).logits[0].double(), -1)
         hand = sum(float(logp[len(ctx) + j - 1, t]) for j, t in enumerate(cont)) / len(cont)
     assert float(alone[0]) == pytest.approx(hand, rel=1e-5)

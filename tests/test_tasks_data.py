@@ -47,8 +47,9 @@ def read(path):
 def test_table():
     assert list(TASKS) == ALL
     assert {t: TASKS[t].metric for t in ALL} == {
-        "sst2": "acc", "rte": "acc", "cb": "acc", "boolq": "acc", "wsc": "acc", "multirc": "acc",
-        "copa": "acc_norm", "squad": "f1", "drop": "f1"}
+        **{t: "acc_per_token" for t in ("sst2", "rte", "cb", "boolq", "wsc", "copa", "multirc")},
+        "squad": "f1", "drop": "f1"}
+    assert TASKS["boolq"].hub == ("google/boolq", None)  # MeZO's source: the original BoolQ, not SuperGLUE's copy
     assert {t for t in ALL if TASKS[t].objective == "lm"} == {"copa", "squad", "drop"}
     assert {t for t in ALL if TASKS[t].kind == "generate"} == {"squad", "drop"}
     assert {t for t in ALL if TASKS[t].olmo is None} == {"wsc", "multirc"}
@@ -379,7 +380,8 @@ def test_training_loss_of_fixture_equals_hand_computation(task, tiny_model):
     import torch
 
     from dlzo.models import load_model, load_tokenizer
-    from dlzo.objectives import encode_pair, loss, make_batch
+    from dlzo.objectives import loss, make_batch
+    from dlzo.tokens import encode_candidate
 
     cpu = torch.device("cpu")
     spec = get_task(task)
@@ -387,7 +389,8 @@ def test_training_loss_of_fixture_equals_hand_computation(task, tiny_model):
     model, tok = load_model(tiny_model, cpu, torch.float32), load_tokenizer(tiny_model)
 
     def mean_logprob(continuation):
-        ctx, cont = encode_pair(tok, rec["prompt"], continuation)
+        enc = encode_candidate(tok, rec["prompt"], continuation)
+        ctx, cont = enc.context, enc.scored
         logp = torch.log_softmax(model(torch.tensor([ctx + cont])).logits[0].double(), -1)
         return sum(float(logp[len(ctx) + j - 1, t]) for j, t in enumerate(cont)) / len(cont)
 

@@ -1,20 +1,24 @@
-"""Evaluate a (tuned) model on a prepared task's test split with lm-eval.
+"""Evaluate a (tuned) model on a prepared task's test split with lm-eval, on MeZO's tokens.
 
     python -m dlzo.evaluate --model <model dir> --data <prepared task dir> --task <name>
         [--run <training run dir>] --out <result.json> [--tasks-dir <folder for the lm-eval YAML>]
-        [--batch-size 8] [--limit N] [--device auto] [--dtype auto] [--threads N]
+        [--batch-size 8] [--max-len 2048] [--limit N] [--device auto] [--dtype auto] [--threads N]
         [--method NAME] [--seed N]
 
 The test split is handed to lm-eval as a task YAML over the prepared ``test.jsonl`` (absolute
-path), so the same numbers come out of the plain lm-eval CLI on a saved model:
+path), run by lm-eval with the ``dlzo-hf`` model class (``dlzo.harness``: lm-eval's HFLM feeding and
+scoring MeZO's tokens), so the same numbers come out of lm-eval's command line on a saved model:
 
-    lm_eval --model hf --model_args pretrained=<model dir>,dtype=float32 \\
+    python -m dlzo.harness --model dlzo-hf --model_args pretrained=<model dir>,dtype=float32,max_length=2048 \\
         --include_path <tasks dir> --tasks dlzo_<task> --batch_size 8
 
-Protocol (MeZO's): multiple choice = argmax over candidates of the log-likelihood of the candidate
-given the prompt (``acc``; ``acc_norm`` divides by the candidate's length in characters); generation
-= greedy, at most 50 new tokens, stop at a newline, SQuAD-normalised token F1, max over gold answers.
-Every value is a fraction in 0..1 (acc 0.91, not 91).
+Protocol (MeZO's): each candidate's sequence is ``tok(prompt + candidate)``, its scored tokens those the
+candidate adds to ``tok(prompt)`` (``dlzo.tokens``). Multiple choice: the headline ``acc_per_token`` is
+the accuracy of the argmax over candidates of the MEAN log-probability of the scored tokens (MeZO's
+``run.py``); ``acc`` (argmax of the summed log-likelihood) and ``acc_norm`` (summed log-likelihood divided
+by the candidate's length in characters) are lm-eval's, kept beside it. Generation = greedy, at most 50
+new tokens, stop at a newline, SQuAD-normalised token F1, max over gold answers. Every value is a
+fraction in 0..1 (acc 0.91, not 91).
 """
 from __future__ import annotations
 
@@ -31,16 +35,16 @@ from pathlib import Path
 from dlzo import DLZOError
 from dlzo.io import atomic_path, read_json, read_jsonl, write_json
 from dlzo.runtime import add_runtime_args
+from dlzo.tokens import MAX_LEN
 
 MAX_GEN_TOKS = 50
-MC_METRICS = ("acc", "acc_norm")
+MC_METRICS = ("acc_per_token", "acc", "acc_norm")
 GEN_METRICS = ("f1", "exact_match")
 
 
-# --- SQuAD v1.1 answer metrics ---------------------------------------------------------------------
-# These three functions are also copied verbatim into the utils.py written beside the task YAML
-# (inspect.getsource), so the YAML runs without dlzo installed and cannot drift from this code.
-# They may use only re, string and collections.
+# --- metrics: SQuAD v1.1 answers, and the multiple-choice accuracies -----------------------------------
+# These functions are also copied verbatim into the utils.py written beside the task YAML
+# (inspect.getsource), so the task cannot drift from this code. They may use only re, string and collections.
 
 def normalize_answer(s):
     """SQuAD normalisation: lowercase, drop punctuation, drop articles a/an/the, fold whitespace."""
@@ -65,6 +69,25 @@ def process_results(doc, results):
     pred, golds = results[0], doc["answers"] or [""]
     return {"f1": max(token_f1(pred, g) for g in golds),
             "exact_match": max(float(normalize_answer(pred) == normalize_answer(g)) for g in golds)}
+
+
+def argmax_first(scores):
+    """The first index of the largest score (np.argmax's tie rule, as lm-eval and MeZO break ties)."""
+    return max(range(len(scores)), key=lambda k: (scores[k], -k))
+
+
+def process_choices(doc, results):
+    """lm-eval hook for multiple_choice: MeZO's acc_per_token (argmax of the mean token log-probability),
+    and lm-eval's acc (summed log-likelihood) and acc_norm (divided by the candidate's characters)."""
+    lls = [r[0] for r in results]
+    counts = [getattr(ll, "n_tokens", None) for ll in lls]
+    if None in counts:
+        raise ValueError("this dlzo task scores per token: run it with the dlzo-hf model class "
+                         "(python -m dlzo.harness --model dlzo-hf ...), not with " + type(lls[0]).__name__ + "s")
+    gold, choices = doc["label"], doc["candidates"]
+    return {"acc_per_token": float(argmax_first([ll / n for ll, n in zip(lls, counts)]) == gold),
+            "acc": float(argmax_first(lls) == gold),
+            "acc_norm": float(argmax_first([ll / max(len(c), 1) for ll, c in zip(lls, choices)]) == gold)}
 
 
 # --- task YAML ----------------------------------------------------------------------------------------
@@ -97,8 +120,9 @@ def _check_records(records: list[dict], kind: str, path: Path) -> None:
 
 
 def _utils_source() -> str:
-    body = "\n\n".join(inspect.getsource(f) for f in (normalize_answer, token_f1, process_results))
-    return ('"""Written by dlzo.evaluate: SQuAD answer metrics for the dlzo generation tasks."""\n'
+    body = "\n\n".join(inspect.getsource(f) for f in (normalize_answer, token_f1, process_results, argmax_first,
+                                                      process_choices))
+    return ('"""Written by dlzo.evaluate: the metrics of the dlzo tasks (run them with python -m dlzo.harness)."""\n'
             "import collections\nimport re\nimport string\n\n\n" + body)
 
 
@@ -115,10 +139,9 @@ def write_task_yaml(task: str, test_jsonl: str | Path, out_dir: str | Path, name
 
     Fields are named directly (doc_to_text: prompt), not as Jinja templates: lm-eval then returns the
     record's value untouched (a template's output is re-parsed, e.g. a digit-only prompt turns int).
-    target_delimiter is empty, so lm-eval scores exactly prompt + candidate. Note: lm-eval moves any
-    whitespace that ends the prompt (e.g. RTE's final newline) into the scored continuation: the
-    string is unchanged, but the whitespace's log-prob is added to each candidate's (the same amount
-    for all candidates when it is a token of its own, as a newline is: acc is unaffected).
+    target_delimiter is empty: the text scored is exactly prompt + candidate. The tokens are MeZO's only
+    under the ``dlzo-hf`` model class (``dlzo.harness``); multiple-choice metrics come from
+    ``utils.process_choices``, which refuses to score without that class's token counts.
     """
     test_jsonl = Path(test_jsonl).resolve()  # lm-eval resolves relative data paths against the cwd
     if not test_jsonl.exists():
@@ -132,12 +155,12 @@ def write_task_yaml(task: str, test_jsonl: str | Path, out_dir: str | Path, name
     lines = [f"task: {name}", "dataset_path: json",
              f"dataset_kwargs:\n  data_files:\n    test: {q(str(test_jsonl))}",
              "test_split: test", "num_fewshot: 0", "doc_to_text: prompt"]
+    _write_text(out_dir / "utils.py", _utils_source())
     if kind == "multiple_choice":
         lines += ["output_type: multiple_choice", "doc_to_choice: candidates", "doc_to_target: label",
-                  'target_delimiter: ""', "metric_list:"]
+                  'target_delimiter: ""', "process_results: !function utils.process_choices", "metric_list:"]
         lines += [f"  - metric: {m}\n    aggregation: mean\n    higher_is_better: true" for m in MC_METRICS]
     else:
-        _write_text(out_dir / "utils.py", _utils_source())
         lines += ["output_type: generate_until", "doc_to_target: answers", 'target_delimiter: " "',
                   "generation_kwargs:", '  until: ["\\n"]', f"  max_gen_toks: {MAX_GEN_TOKS}",
                   "  do_sample: false", "process_results: !function utils.process_results", "metric_list:"]
@@ -160,36 +183,48 @@ def _flatten(task_result: dict) -> dict:
     return out
 
 
-def cli_command(model_dir, tasks_dir, name, batch_size, dtype="float32", device="cpu", limit=None) -> str:
-    """The plain lm-eval command that reproduces an evaluation of a saved (base) model."""
+def cli_command(model_dir, tasks_dir, name, batch_size, dtype="float32", device="cpu", limit=None,
+                max_len: int = MAX_LEN) -> str:
+    """The lm-eval command (lm-eval's CLI with the dlzo-hf class) that reproduces an evaluation of a saved
+    model folder."""
     soft = ",softmax_dtype=float32" if dtype in ("float16", "bfloat16") else ""  # as evaluate() does
-    cmd = (f"lm_eval --model hf --model_args pretrained={Path(model_dir).resolve()},dtype={dtype}{soft} "
-           f"--include_path {Path(tasks_dir).resolve()} --tasks {name} --batch_size {batch_size} "
-           f"--device {device}")
+    cmd = (f"python -m dlzo.harness --model dlzo-hf --model_args pretrained={Path(model_dir).resolve()},"
+           f"dtype={dtype}{soft},max_length={max_len} --include_path {Path(tasks_dir).resolve()} --tasks {name} "
+           f"--batch_size {batch_size} --device {device}")
     return cmd + (f" --limit {limit}" if limit else "")
 
 
-def evaluate(model, tokenizer, task: str, data_dir, tasks_dir, batch_size: int = 8,
-             limit: int | None = None) -> dict:
-    """Zero-shot lm-eval of an in-memory model on ``<data_dir>/test.jsonl``; see the module doc."""
-    import lm_eval
+def _harness_lm(model, tokenizer, batch_size: int, max_len: int):
+    """The dlzo-hf lm-eval model over an in-memory model; log-softmax in fp32 for half-precision weights
+    (half precision loses digits in the candidates' log-likelihoods)."""
     import torch
-    from lm_eval.models.huggingface import HFLM
+
+    from dlzo.harness import MeZOHFLM
+
+    dtype = next(model.parameters()).dtype
+    return MeZOHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_len,
+                    softmax_dtype=torch.float32 if dtype in (torch.float16, torch.bfloat16) else None)
+
+
+def _simple_evaluate(lm, names: list[str], tasks_dir, **kwargs) -> dict:
+    import lm_eval
     from lm_eval.tasks import TaskManager
 
+    return lm_eval.simple_evaluate(
+        model=lm, tasks=names, num_fewshot=0, use_cache=None, cache_requests=False, write_out=False,
+        # only our folder: indexing lm-eval's built-in task tree is slow and not needed
+        task_manager=TaskManager(include_path=str(Path(tasks_dir).resolve()), include_defaults=False), **kwargs)
+
+
+def evaluate(model, tokenizer, task: str, data_dir, tasks_dir, batch_size: int = 8,
+             limit: int | None = None, max_len: int = MAX_LEN) -> dict:
+    """Zero-shot lm-eval of an in-memory model on ``<data_dir>/test.jsonl``; see the module doc."""
     test = Path(data_dir) / "test.jsonl"
     name = write_task_yaml(task, test, tasks_dir)
     kind, headline = task_kind(task, read_jsonl(test))
-    # half-precision log-softmax loses digits in the candidates' log-likelihoods: do it in fp32
-    dtype = next(model.parameters()).dtype
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
-              softmax_dtype=torch.float32 if dtype in (torch.float16, torch.bfloat16) else None)
+    lm = _harness_lm(model, tokenizer, batch_size, max_len)
     started = time.time()
-    out = lm_eval.simple_evaluate(
-        model=lm, tasks=[name], num_fewshot=0, limit=limit, use_cache=None, cache_requests=False,
-        log_samples=False, write_out=False, bootstrap_iters=1000,
-        # only our folder: indexing lm-eval's built-in task tree is slow and not needed
-        task_manager=TaskManager(include_path=str(Path(tasks_dir).resolve()), include_defaults=False))
+    out = _simple_evaluate(lm, [name], tasks_dir, limit=limit, log_samples=False, bootstrap_iters=1000)
     seconds = time.time() - started
     metrics = _flatten(out["results"][name])
     n = int(out["n-samples"][name]["effective"])
@@ -198,7 +233,7 @@ def evaluate(model, tokenizer, task: str, data_dir, tasks_dir, batch_size: int =
     result = {"task": task, "lm_eval_task": name, "kind": kind, "metric": headline,
               "value": metrics[headline], "metrics": metrics, "n": n,
               "examples_per_s": round(n / seconds, 3), "seconds": round(seconds, 3),
-              "batch_size": batch_size, "limit": limit}
+              "batch_size": batch_size, "limit": limit, "max_len": max_len, "tokens": "mezo"}
     print(f"[evaluate] {task}: {headline}={metrics[headline]:.4f} on {n} examples in {seconds:.1f} s "
           f"({n / seconds:.2f} examples/s, batch {batch_size})", file=sys.stderr)
     return result
@@ -206,28 +241,21 @@ def evaluate(model, tokenizer, task: str, data_dir, tasks_dir, batch_size: int =
 
 # --- calibrated-zero-shot: the bias-only baseline -------------------------------------------------------
 
-def candidate_scores(model, tokenizer, task: str, files: dict, tasks_dir, batch_size: int = 8) -> dict:
+def candidate_scores(model, tokenizer, task: str, files: dict, tasks_dir, batch_size: int = 8,
+                     max_len: int = MAX_LEN) -> dict:
     """Per split, lm-eval's log-likelihood of every candidate of every record: {split: (scores, labels, metric)}.
 
     ``files`` maps split -> JSONL. One lm-eval task per split (``dlzo_<task>_<split>``), samples logged; the
-    score is what the task's headline metric compares: the log-likelihood (acc), or divided by the
-    candidate's length in characters (acc_norm, as lm-eval does)."""
-    import lm_eval
-    import torch
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
+    score is what the task's headline metric compares: the mean token log-probability (acc_per_token), the
+    summed log-likelihood (acc), or the latter divided by the candidate's length in characters (acc_norm)."""
+    from dlzo.tokens import encode_candidate
 
     names = {split: write_task_yaml(task, path, tasks_dir, name=f"dlzo_{task}_{split}") for split, path in files.items()}
     kind, headline = task_kind(task, read_jsonl(next(iter(files.values()))))
     if kind != "multiple_choice":
         raise DLZOError(f"calibrated-zero-shot needs a multiple-choice task; {task!r} is {kind}")
-    dtype = next(model.parameters()).dtype
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
-              softmax_dtype=torch.float32 if dtype in (torch.float16, torch.bfloat16) else None)
-    out = lm_eval.simple_evaluate(
-        model=lm, tasks=list(names.values()), num_fewshot=0, use_cache=None, cache_requests=False,
-        log_samples=True, write_out=False, bootstrap_iters=0,
-        task_manager=TaskManager(include_path=str(Path(tasks_dir).resolve()), include_defaults=False))
+    lm = _harness_lm(model, tokenizer, batch_size, max_len)
+    out = _simple_evaluate(lm, list(names.values()), tasks_dir, log_samples=True, bootstrap_iters=0)
     result = {}
     for split, name in names.items():
         records = read_jsonl(files[split])
@@ -239,6 +267,9 @@ def candidate_scores(model, tokenizer, task: str, files: dict, tasks_dir, batch_
             lls = [float(r[0][0] if isinstance(r[0], (list, tuple)) else r[0]) for r in smp["resps"]]
             if headline == "acc_norm":
                 lls = [ll / max(len(c), 1) for ll, c in zip(lls, rec["candidates"])]
+            elif headline == "acc_per_token":  # the same counts as the harness's (dlzo.tokens)
+                lls = [ll / encode_candidate(tokenizer, rec["prompt"], c, max_len).n_scored
+                       for ll, c in zip(lls, rec["candidates"])]
             scores.append(lls)
         lm_metric = _flatten(out["results"][name]).get(headline)
         result[split] = (scores, [int(r["label"]) for r in records], headline, lm_metric)
@@ -269,18 +300,13 @@ def fit_offsets(scores, labels, l2: float):
     return [float(v) for v in offsets().detach()]
 
 
-def _argmax_first(sc) -> int:
-    """The first index of the largest score (lm-eval's np.argmax breaks ties the same way)."""
-    return max(range(len(sc)), key=lambda k: (sc[k], -k))
-
-
 def offset_accuracy(scores, labels, offsets) -> float:
-    hits = [_argmax_first([a + b for a, b in zip(sc, offsets)]) == y for sc, y in zip(scores, labels)]
+    hits = [argmax_first([a + b for a, b in zip(sc, offsets)]) == y for sc, y in zip(scores, labels)]
     return sum(hits) / len(hits)
 
 
 def calibrate(model, tokenizer, task: str, data_dir, tasks_dir, batch_size: int = 8,
-              l2s=(0.0, 0.01, 0.1, 1.0)) -> dict:
+              l2s=(0.0, 0.01, 0.1, 1.0), max_len: int = MAX_LEN) -> dict:
     """calibrated-zero-shot: offsets fitted on train for each L2 strength, the strength with the best dev
     accuracy kept (ties: the lower dev cross-entropy), its test accuracy reported."""
     import math
@@ -294,7 +320,7 @@ def calibrate(model, tokenizer, task: str, data_dir, tasks_dir, batch_size: int 
         if not read_jsonl(path):
             raise DLZOError(f"{path} has no records: calibrated-zero-shot needs a non-empty {split} split")
     started = time.time()
-    sc = candidate_scores(model, tokenizer, task, files, tasks_dir, batch_size)
+    sc = candidate_scores(model, tokenizer, task, files, tasks_dir, batch_size, max_len)
     (tr, ytr, metric, _), (dv, ydv, _, _), (te, yte, _, lm_test) = sc["train"], sc["dev"], sc["test"]
     k = {len(x) for split in sc.values() for x in split[0]}
     if len(k) != 1:
@@ -326,9 +352,9 @@ def calibrate(model, tokenizer, task: str, data_dir, tasks_dir, batch_size: int 
                           f"train_{metric}": chosen["train_acc"],
                           f"train_{metric}_uncalibrated": offset_accuracy(tr, ytr, zero)},
               "offsets": chosen["offsets"], "l2": chosen["l2"], "grid": grid,
-              "predicted_share": [sum(_argmax_first([a + b for a, b in zip(s_, chosen["offsets"])]) == c for s_ in te) / len(te)
+              "predicted_share": [sum(argmax_first([a + b for a, b in zip(s_, chosen["offsets"])]) == c for s_ in te) / len(te)
                                   for c in range(len(zero))],
-              "uncalibrated_predicted_share": [sum(_argmax_first(s_) == c for s_ in te) / len(te) for c in range(len(zero))],
+              "uncalibrated_predicted_share": [sum(argmax_first(s_) == c for s_ in te) / len(te) for c in range(len(zero))],
               # the uncalibrated test accuracy recomputed from the logged samples equals lm-eval's own metric
               "lm_eval_test_metric": lm_test, "n": len(te), "n_train": len(tr), "n_dev": len(dv),
               "seconds": round(seconds, 3), "batch_size": batch_size}
@@ -348,9 +374,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run", help="training run folder: evaluate the tuned model (dlzo.tuning.load_tuned_model)")
     p.add_argument("--selection", help="instead of --run: a grid's hyper_selection.json, whose chosen point's run "
                                        "folder is evaluated")
+    p.add_argument("--replay", action="store_true",
+                   help="with --run: rebuild the tuned weights from the run's trajectory.jsonl (a ZO run folder with "
+                        "log.json and trajectory.jsonl suffices), e.g. to re-score a committed reference run")
     p.add_argument("--out", required=True, help="result JSON")
     p.add_argument("--tasks-dir", help="folder for the lm-eval task YAML (default: <out without .json>.lm_eval/)")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-len", type=int, default=MAX_LEN,
+                   help="sequences longer than this are truncated keeping BOS, as in training (MeZO's 2048)")
     p.add_argument("--limit", type=int, help="first N test examples only (smoke tests)")
     add_runtime_args(p)
     p.add_argument("--calibrate", action="store_true",
@@ -363,6 +394,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.selection and args.run:
         p.error("--selection names the run itself: give --run or --selection, not both")
+    if args.replay and not (args.run or args.selection):
+        p.error("--replay rebuilds a training run: give --run")
 
     from dlzo.models import load_model, load_tokenizer
     from dlzo.runtime import provenance, setup_runtime
@@ -382,16 +415,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.run:
         from dlzo.tuning import load_tuned_model
 
-        model = load_tuned_model(args.model, args.run, device, dtype)
+        model = load_tuned_model(args.model, args.run, device, dtype, replay=args.replay)
     else:
         model = load_model(args.model, device, dtype)
     if args.calibrate:
         if args.run:
             raise DLZOError("--calibrate is the frozen model's baseline: it takes no --run")
-        result = calibrate(model, tokenizer, args.task, data_dir, tasks_dir, args.batch_size, args.calibration_l2)
+        result = calibrate(model, tokenizer, args.task, data_dir, tasks_dir, args.batch_size, args.calibration_l2,
+                           args.max_len)
         result["lm_eval_task"] = f"dlzo_{args.task}_test"
     else:
-        result = evaluate(model, tokenizer, args.task, data_dir, tasks_dir, args.batch_size, args.limit)
+        result = evaluate(model, tokenizer, args.task, data_dir, tasks_dir, args.batch_size, args.limit, args.max_len)
     meta = read_json(data_dir / "meta.json", "data meta file") if (data_dir / "meta.json").exists() else {}
     result.update(
         model=str(args.model), run=args.run, data=str(data_dir), tasks_dir=str(tasks_dir),
@@ -400,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
         protocol=meta.get("protocol"),
         # reproduces base-model numbers only: a tuned run must first be saved as a model folder
         lm_eval_cli=cli_command(args.model, tasks_dir, result["lm_eval_task"], args.batch_size,
-                                str(dtype).replace("torch.", ""), str(device), args.limit),
+                                str(dtype).replace("torch.", ""), str(device), args.limit, args.max_len),
         provenance=provenance(device, dtype, started, config=vars(args)))
     write_json(out, result)
     return 0

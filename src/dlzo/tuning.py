@@ -69,9 +69,11 @@ def zo_optimizer(named, lr: float, eps: float, weight_decay: float, seed: int, r
                  seed=seed, restore=restore)
 
 
-def load_tuned_model(model_dir, run_dir, device, dtype):
+def load_tuned_model(model_dir, run_dir, device, dtype, replay: bool = False):
     """The base model with a training run's best checkpoint applied (LoRA merged into the weights):
-    its tuned tensors, or a replay of its trajectory when the run saved none (``--save-tuned replay``)."""
+    its tuned tensors, or a replay of its trajectory when the run saved none (``--save-tuned replay``) or
+    ``replay`` asks for one (a ZO run folder needs only ``log.json`` and ``trajectory.jsonl`` then: the
+    committed references re-score their runs this way, bit for bit on CPU)."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -80,9 +82,16 @@ def load_tuned_model(model_dir, run_dir, device, dtype):
     lora = log.get("lora") or {}
     model, named = build(model_dir, log["kind"], log["layer"], device, dtype, lora.get("r", 8), lora.get("alpha", 16),
                          log["seed"])
-    with safe_open(str(run_dir / "tuned.safetensors"), "pt") as fh:
-        meta = fh.metadata() or {}
-    info = json.loads(meta["dlzo"]) if "dlzo" in meta else meta  # earlier versions wrote three keys
+    if replay:
+        from dlzo.methods import KINDS
+
+        if KINDS[log["kind"]].fo:
+            raise DLZOError(f"{run_dir}: a first-order run ({log['kind']}) has no trajectory to replay")
+        info = {"replay": True}
+    else:
+        with safe_open(str(run_dir / "tuned.safetensors"), "pt") as fh:
+            meta = fh.metadata() or {}
+        info = json.loads(meta["dlzo"]) if "dlzo" in meta else meta  # earlier versions wrote three keys
     if info.get("replay") in (True, "true"):  # rebuild the best checkpoint from the trajectory, bit for bit
         hyper = log["hyper"]  # "sparsity" is there for sparse-mezo only
         traj = read_jsonl(run_dir / "trajectory.jsonl")[1:]
