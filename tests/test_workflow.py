@@ -59,7 +59,9 @@ def test_tiny_dag_runs_and_second_run_has_nothing_to_do(tiny_dag):
             "dominant/seed1")
     assert cell_n(acc, "dominant", "sst2") == 2 and cell_n(acc, "mezo-full", "sst2") == 1
     cal = json.loads((res / "eval/tiny-llama/sst2/calibrated-zero-shot.json").read_text())
-    assert cal["metrics"]["acc_uncalibrated"] == json.loads((res / "eval/tiny-llama/sst2/zero-shot.json").read_text())["value"]
+    assert cal["metric"] == "acc_per_token"
+    assert cal["metrics"]["acc_per_token_uncalibrated"] == json.loads(
+        (res / "eval/tiny-llama/sst2/zero-shot.json").read_text())["value"]
     grads = json.loads((res / "probe" / "tiny-llama" / "gradnorm.json").read_text())
     assert grads["probe_layer"] == 1 and len(grads["layers"]) == 4 and grads["batches"] == 2
     assert (res / "probe" / "tiny-llama" / "layer_predictors.png").stat().st_size > 0
@@ -98,8 +100,12 @@ def test_tiny_dag_results_carry_their_provenance(tiny_dag):
     commit, cfg = head_commit(workdir), yaml.safe_load((workdir / "workflow/configs/tiny.yaml").read_text())
     check_provenance(res / "models/tiny-llama/dlzo_model.json", commit, False, source="tiny:llama:4:1", num_layers=4)
     for task in ("sst2", "squad"):
-        check_provenance(res / f"data/{task}/meta.json", commit, False, task=task, seed=0,
-                         train=cfg["tasks"][task]["train"])
+        check_provenance(res / f"data/tiny-llama/{task}/meta.json", commit, False, task=task, seed=0,
+                         train=cfg["tasks"][task]["train"], max_len=cfg["train"]["max_len"])
+        meta = json.loads((res / f"data/tiny-llama/{task}/meta.json").read_text())
+        assert meta["tokens"]["max_len"] == cfg["train"]["max_len"] and meta["tokens"]["tokenizer"].endswith(
+            "models/tiny-llama")  # the examples this model's tokenizer sees cut, per split
+        assert {k: meta["tokens"][k]["of"] for k in ("train", "dev", "test")} == meta["actual"]
         check_provenance(res / f"eval/tiny-llama/{task}/zero-shot.json", commit, True, task=task, method="zero-shot")
         check_provenance(res / f"eval/tiny-llama/{task}/calibrated-zero-shot.json", commit, True, task=task,
                          method="calibrated-zero-shot", calibrate=True) if task == "sst2" else None
@@ -192,7 +198,7 @@ def test_minimal_reruns(finished_copy, tmp_path):
     cb = plan(lambda c: c["tasks"].update(cb={"source": "local:tests/fixtures", "train": 4, "dev": 2, "test": 4}),
               what="tasks (adding cb)")
     plain = ["mezo-full", "lora-zo", "dominant-lora", "sparse-mezo", "fo-adamw", "fo-layer-2"]
-    assert cb == ({("prepare_data", "task=cb"), ("evaluate_zero_shot", "model=tiny-llama, task=cb"),
+    assert cb == ({("prepare_data", "model=tiny-llama, task=cb"), ("evaluate_zero_shot", "model=tiny-llama, task=cb"),
                    ("evaluate_calibrated", "model=tiny-llama, task=cb")}
                   | runs("zo_train", plain, ["cb"]) | runs("evaluate", plain, ["cb"]) | grid(["cb"]) | tail)
     # a grid point added: each grid method's new point, its selection, and what the selection feeds (the

@@ -133,11 +133,15 @@ def test_candidate_scoring_reaches_only_its_tasks_training(workdir, dry_run):
 def test_paper_config_plans_the_whole_dag_offline(workdir):
     proc = snakemake(workdir, "-n", "--quiet", "rules")
     jobs = planned_jobs(proc)
-    runs = 2 * 9 * 7 + 9 * (32 + 36)  # (models x tasks x baselines, FO and Sparse-MeZO too) + every layer
-    assert jobs == {"download_model": 2, "prepare_data": 9, "probe_outliers": 2, "probe_sensitivity": 2,
-                    "probe_gradnorm": 2, "zo_train": runs, "evaluate": runs, "evaluate_zero_shot": 18,
-                    "evaluate_calibrated": 2 * 7, "tables": 1, "all": 1, "plot_probe": 2, "plot_sensitivity": 2,
-                    "plot_predictors": 2}
+    # per model and task, the lr grid points of mezo-full 4, dominant 4, lora-zo 2, dominant-lora 2, sparse-mezo 4,
+    # fo-adamw 3, fo-layer-1 3 (config.yaml's train.hyper), then one sweep run per layer at one lr
+    grid = 4 + 4 + 2 + 2 + 4 + 3 + 3
+    trainings = 2 * 9 * grid + 9 * (32 + 36)
+    results = 2 * 9 * 7 + 9 * (32 + 36)  # each method's chosen point, and each swept layer
+    assert jobs == {"download_model": 2, "prepare_data": 2 * 9, "probe_outliers": 2, "probe_sensitivity": 2,
+                    "probe_gradnorm": 2, "zo_train": trainings, "select_hyper": 2 * 9 * 7, "evaluate": results,
+                    "evaluate_zero_shot": 18, "evaluate_calibrated": 2 * 7, "tables": 1, "all": 1, "plot_probe": 2,
+                    "plot_sensitivity": 2, "plot_predictors": 2}
 
 
 def test_lint_is_clean(workdir):

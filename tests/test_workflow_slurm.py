@@ -121,7 +121,7 @@ def test_tiny_dag_through_the_slurm_executor_plugin(tmp_path_factory):
         prov = check_provenance(res / f"eval/{model}/sst2/zero-shot.json", commit, True, method="zero-shot")
         assert prov["slurm_job_id"] == made_by("evaluate_zero_shot", "zero-shot")
         assert check_provenance(res / f"models/{model}/dlzo_model.json", commit, False)["slurm_job_id"] is None
-    assert check_provenance(res / "data/sst2/meta.json", commit, False)["slurm_job_id"] is None
+    assert check_provenance(res / "data/tiny-llama/sst2/meta.json", commit, False)["slurm_job_id"] is None
     assert check_provenance(res / "tables/provenance.json", commit, False)["slurm_job_id"] is None
     again = snakemake(root, "-n", "--configfile", "slurm.yaml")
     assert "Nothing to be done" in again.stdout + again.stderr

@@ -1,6 +1,7 @@
 """prepare_data stage: sample train/dev/test for one task and write prepared records.
 
-    python -m dlzo.data --task sst2 --source olmo --seed 0 [--train N --dev N --test N] --out DIR
+    python -m dlzo.data --task sst2 --source olmo --seed 0 [--train N --dev N --test N]
+        [--tokenizer <model dir> --max-len 2048] --out DIR
 
 Sources and protocols (``meta.json`` records which one made the files):
 
@@ -20,8 +21,11 @@ When the three sizes together exceed one pool they are scaled down proportionall
 remainder) and a warning is recorded in ``meta.json``; a split left with 0 rows is an error.
 Rows in error messages and ``meta.json["indices"]`` are 0-based positions in the source split/file.
 Output: ``train.jsonl``, ``dev.jsonl``, ``test.jsonl`` (records of :mod:`dlzo.tasks`) and
-``meta.json`` (written last). Same arguments -> byte-identical files (the CLI adds a ``provenance``
-record to ``meta.json``: packages, git commit, host, wall time).
+``meta.json`` (written last). With ``--tokenizer``, ``meta.json["tokens"]`` counts per split the records
+that ``--max-len`` truncates under that model's tokenizer (MeZO's rule, ``dlzo.tokens``: training and
+evaluation cut them the same way, keeping BOS), and the workflow prepares each task once per model.
+Same arguments -> byte-identical files (the CLI adds a ``provenance`` record to ``meta.json``: packages,
+git commit, host, wall time).
 """
 from __future__ import annotations
 
@@ -44,6 +48,7 @@ from dlzo import DLZOError
 from dlzo.io import read_jsonl, write_json, write_jsonl
 from dlzo.runtime import provenance
 from dlzo.tasks import TASKS, TaskSpec, get_task, hub_source
+from dlzo.tokens import MAX_LEN
 
 SPLITS = ("train", "dev", "test")
 
@@ -205,12 +210,31 @@ def _render(spec: TaskSpec, pool: Pool, i: int) -> dict:
     return spec.render(pool.rows[i], f"{pool.origin}, row {i}", id=f"{pool.id_prefix}-{i}")
 
 
+def token_lengths(tokenizer_dir: str | os.PathLike, max_len: int, splits: dict[str, list[dict]]) -> dict:
+    """meta.json's ``tokens``: per split, how many records MeZO's ``max_len`` truncates under the model's
+    tokenizer (``dlzo.tokens``; a record counts when any candidate's sequence is cut), and the longest."""
+    from transformers import AutoTokenizer
+
+    from dlzo.tasks import gold_continuation
+    from dlzo.tokens import adds_bos, count_truncated
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    out = {"protocol": "mezo", "max_len": max_len, "tokenizer": str(tokenizer_dir), "keeps_bos": adds_bos(tok)}
+    for split, records in splits.items():
+        try:
+            out[split] = count_truncated(tok, records, max_len, gold_continuation)
+        except DLZOError as err:
+            raise DLZOError(f"{split} split, tokenizer of {tokenizer_dir}: {err}") from None
+    return out
+
+
 def prepare(task: str, source: str, seed: int, sizes: dict[str, int | None] | None, out: str | os.PathLike,
-            config: dict | None = None) -> dict:
+            config: dict | None = None, tokenizer: str | os.PathLike | None = None, max_len: int | None = None) -> dict:
     """Write ``<out>/{train,dev,test}.jsonl`` and ``<out>/meta.json``; return the meta dict.
 
     ``config`` (the CLI's arguments): meta.json also gets ``provenance`` (that config, packages, git
-    commit, host, wall time); without it meta.json is byte-reproducible like the splits."""
+    commit, host, wall time); without it meta.json is byte-reproducible like the splits. ``tokenizer``
+    (a model folder) and ``max_len``: meta.json's ``tokens`` counts the records that length truncates."""
     started = time.time()
     spec = get_task(task)
     requested = {k: (sizes or {}).get(k) for k in SPLITS}
@@ -244,12 +268,18 @@ def prepare(task: str, source: str, seed: int, sizes: dict[str, int | None] | No
         "files": {}, "warnings": warnings, **extra,
     }
     (out / "meta.json").unlink(missing_ok=True)  # meta.json marks a complete set: none while writing
+    rendered = {}
     for split in SPLITS:
         pool, idx = chosen[split]
         if not idx:
             raise DLZOError(f"split {split} is empty after sampling from {pool.origin} "
                             f"({len(pool.rows)} rows, requested {requested[split]}): give more data or sizes")
-        records = [_render(spec, pool, i) for i in idx]
+        rendered[split] = [_render(spec, pool, i) for i in idx]
+    if tokenizer is not None:  # before any file: a candidate that adds no token fails here, named
+        meta["tokens"] = token_lengths(tokenizer, max_len or MAX_LEN, rendered)
+    for split in SPLITS:
+        pool, idx = chosen[split]
+        records = rendered[split]
         path = out / f"{split}.jsonl"
         write_jsonl(path, records)
         meta["actual"][split] = len(records)
@@ -272,15 +302,21 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     for split in SPLITS:
         ap.add_argument(f"--{split}", type=int, default=None, help=f"{split} size (default: the task table's)")
+    ap.add_argument("--tokenizer", help="the model folder whose tokenizer the splits are counted with: meta.json's "
+                                        "tokens.<split>.truncated = records longer than --max-len")
+    ap.add_argument("--max-len", type=int, default=MAX_LEN, help="training's and evaluation's --max-len")
     ap.add_argument("--out", required=True, help="output folder")
     args = ap.parse_args(argv)
     try:
-        meta = prepare(args.task, args.source, args.seed,
-                       {k: getattr(args, k) for k in SPLITS}, args.out, config=vars(args))
+        meta = prepare(args.task, args.source, args.seed, {k: getattr(args, k) for k in SPLITS}, args.out,
+                       config=vars(args), tokenizer=args.tokenizer, max_len=args.max_len)
     except DLZOError as err:
         raise SystemExit(f"dlzo.data: error: {err}") from None
+    cut = meta.get("tokens")
     print(f"dlzo.data: {meta['task']} ({meta['protocol']}): " +
-          ", ".join(f"{k} {v}" for k, v in meta["actual"].items()) + f" -> {args.out}")
+          ", ".join(f"{k} {v}" for k, v in meta["actual"].items()) + f" -> {args.out}" +
+          (f"; truncated at {cut['max_len']} tokens: " + ", ".join(f"{k} {cut[k]['truncated']}" for k in SPLITS)
+           if cut else ""))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ by path. A training run's folder is ``<method>`` or, for a grid point, ``<method
 (``dlzo.methods.grid_tag``)::
 
     models/<model>/                                  download_model
-    data/<task>/{train,dev,test}.jsonl, meta.json    prepare_data
+    data/<model>/<task>/{train,dev,test}.jsonl, meta.json    prepare_data (meta: the model's token counts)
     probe/<model>/probe.json, activation_profile.png probe_outliers (+ sensitivity, gradnorm)
     train/<model>/<task>/<run>/seed<s>/log.json      zo_train (+ tuned.safetensors, trajectory.jsonl)
     train/<model>/<task>/<method>/hyper_selection.json   select_hyper
@@ -27,8 +27,8 @@ from dlzo.methods import base_method
 
 TEMPLATES = {
     "model": "models/{model}",
-    "data": "data/{task}/{split}.jsonl",
-    "data_meta": "data/{task}/meta.json",
+    "data": "data/{model}/{task}/{split}.jsonl",
+    "data_meta": "data/{model}/{task}/meta.json",
     "probe": "probe/{model}/probe.json",
     "probe_png": "probe/{model}/activation_profile.png",
     "sensitivity": "probe/{model}/sensitivity.json",
@@ -75,11 +75,11 @@ class Layout:
     def model(self, model) -> str:
         return self.path("model", model=model)
 
-    def data(self, task, split) -> str:
-        return self.path("data", task=task, split=split)
+    def data(self, model, task, split) -> str:
+        return self.path("data", model=model, task=task, split=split)
 
-    def data_meta(self, task) -> str:
-        return self.path("data_meta", task=task)
+    def data_meta(self, model, task) -> str:
+        return self.path("data_meta", model=model, task=task)
 
     def probe(self, model, what: str = "probe") -> str:
         """``what``: probe, probe_png, sensitivity, sensitivity_png, gradnorm or predictors_png."""

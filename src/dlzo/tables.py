@@ -36,6 +36,8 @@ from dlzo.methods import BEST_LAYER, is_dominant, is_sweep, method_key, order_me
 from dlzo.render import Table, to_html, to_latex, to_markdown
 from dlzo.runtime import provenance
 
+SPLITS = ("train", "dev", "test")
+
 KEY = ["model", "task", "method", "seed"]
 BEST = BEST_LAYER
 # A bench's outer wall clock also counts interpreter start-up and imports, which the job's own clock
@@ -139,14 +141,18 @@ def load_benchmarks(paths: list[str], chosen: dict | None = None) -> pd.DataFram
 
 
 def load_metas(paths: list[str]) -> dict[str, dict]:
-    """Task -> its data meta.json (protocol and split sizes)."""
+    """Task -> its data meta.json (protocol and split sizes; the rows are every model's), with ``truncated``:
+    model folder -> its ``tokens`` counts (the examples that max_len truncates under that model's tokenizer)."""
     out = {}
     for path in paths:
         meta = read_json(path, "data meta file")
         for k in ("task", "protocol"):
             if k not in meta:
                 raise DLZOError(f"data meta file {path} has no `{k}` field")
-        out[meta["task"]] = meta
+        truncated = out.get(meta["task"], {}).get("truncated", {})
+        if meta.get("tokens"):
+            truncated[Path(meta["tokens"]["tokenizer"]).name] = meta["tokens"]
+        out[meta["task"]] = meta | {"truncated": truncated}
     return out
 
 
@@ -373,8 +379,10 @@ def protocol_note(evals: pd.DataFrame, metas: dict[str, dict]) -> str:
         meta = metas.get(task)
         if meta:
             sizes = meta.get("actual") or {}
+            cut = "".join(f", {model} truncates {'/'.join(str(t.get(k, {}).get('truncated', '?')) for k in SPLITS)} "
+                          f"at {t['max_len']} tokens" for model, t in sorted(meta.get("truncated", {}).items()))
             parts.append(f"{task}: {meta['protocol']} (source {meta.get('source')}; train/dev/test "
-                         f"{sizes.get('train', '?')}/{sizes.get('dev', '?')}/{sizes.get('test', '?')})")
+                         f"{sizes.get('train', '?')}/{sizes.get('dev', '?')}/{sizes.get('test', '?')}{cut})")
         else:
             protos = sorted({p for p in evals.loc[evals["task"] == task, "protocol"] if isinstance(p, str)})
             parts.append(f"{task}: {'/'.join(protos) or 'protocol not recorded'}")
@@ -391,6 +399,15 @@ def _lr_cell(rows: pd.DataFrame) -> str:
     if len(texts) <= 1:
         return texts.pop() if texts else "-"
     return ", ".join(f"{task} {v}" for task, v in per_task.items())
+
+
+# what each headline metric of the evaluation JSONs is (the accuracy table's legend)
+METRIC_MEANING = {
+    "acc_per_token": "argmax of the candidates' mean token log-probability (MeZO's accuracy)",
+    "acc": "argmax of the candidates' summed log-likelihood (lm-eval's acc)",
+    "acc_norm": "argmax of the summed log-likelihood per character of the candidate (lm-eval's acc_norm)",
+    "f1": "SQuAD token F1, best over the gold answers",
+}
 
 
 def accuracy_tables(acc: pd.DataFrame, runs: pd.DataFrame, evals: pd.DataFrame) -> list[Table]:
@@ -419,7 +436,10 @@ def accuracy_tables(acc: pd.DataFrame, runs: pd.DataFrame, evals: pd.DataFrame) 
             rows.append([_method_label(method, runs, model), *cells,
                          "-" if is_seedless else _seeds_text(seeded["n_seeds"]), _lr_cell(seeded)])
         header = ["method"] + [f"{t} ({metric[t]})" if metric.get(t) else t for t in tasks] + ["n seeds", "lr"]
-        tables.append(Table(f"{model}: test accuracy / F1 (%)", header, rows))
+        used = {m for text in metric.values() for m in text.split("/") if m}
+        note = "Metrics: " + "; ".join(f"{m}: {METRIC_MEANING[m]}" for m in sorted(used) if m in METRIC_MEANING) \
+            if used & set(METRIC_MEANING) else ""
+        tables.append(Table(f"{model}: test accuracy / F1 (%)", header, rows, note + ("." if note else "")))
     return tables
 
 

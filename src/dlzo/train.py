@@ -58,6 +58,7 @@ from dlzo.tuning import LORA_TARGETS, amp_context, build, weights_dtype, zo_opti
 from dlzo.objectives import FrozenPrefix, batch_indices, make_batch, measure_inference, paired_loss
 from dlzo.objectives import loss as objective_loss
 from dlzo.runtime import add_runtime_args, peak_memory_mb, pick_device, provenance, set_threads
+from dlzo.tokens import MAX_LEN
 from dlzo.zo import NonFiniteLoss, param_groups
 
 DEFAULT_LR, DEFAULT_EPS = 1e-6, 1e-3
@@ -174,7 +175,9 @@ class RunSpec:
         cfg = {k: getattr(self, k) for k in HASHED} | {"method": self.method.name}
         if self.scoring != "per-sequence":  # only when set: runs from before the option keep their hash (and resume)
             cfg["scoring"] = self.scoring
-        cfg.update(kind=self.method.kind, layer=self.layer, layer_from=self.layer_from, tuned_params=tuned_params)
+        # MeZO's tokens (dlzo.tokens): partial runs from the earlier lm-eval split do not resume under them
+        cfg.update(kind=self.method.kind, layer=self.layer, layer_from=self.layer_from, tuned_params=tuned_params,
+                   tokens="mezo")
         digest = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
         return {"header": cfg, "config_hash": digest}
 
@@ -182,6 +185,16 @@ class RunSpec:
         """The arguments with the resolved values (log.json's provenance)."""
         resolved = ("steps", "eval_every", "lr", "eps", "restore", "prefix_cache", "paired_suffix", "amp")
         return self.asked | {k: getattr(self, k) for k in resolved}
+
+
+def nonfinite_advice(spec: RunSpec) -> str:
+    """What to change after a non-finite ZO loss: the weights' dtype when it is float16 (activations of a model
+    trained in bfloat16 can overflow float16's range), else the learning rate."""
+    if spec.torch_dtype == torch.float16:
+        return (f"The weights are float16 (--dtype {spec.dtype}): a model trained in bfloat16 can overflow "
+                f"float16 activations; rerun with --dtype bfloat16 (config: models.<name>.dtype or runtime.dtype), "
+                f"or lower the learning rate (or eps)")
+    return f"Lower the learning rate (or eps) and rerun (weights {str(spec.torch_dtype).replace('torch.', '')})"
 
 
 def mean_loss(model, tokenizer, records, objective, device, batch_size, max_len,
@@ -241,6 +254,14 @@ class Run:
             return float("nan")
         return mean_loss(self.model, self.tokenizer, self.dev_eval, self.task.objective, self.device,
                           s.eval_batch_size, s.max_len, self.amp, s.share_prompt)
+
+    def initial_dev_loss(self) -> float:
+        """The untrained model's dev loss; non-finite there, the weights' dtype is the likely cause."""
+        value = self.dev_loss()
+        if self.dev_eval and not math.isfinite(value):
+            raise DLZOError(f"the model as loaded gives a non-finite dev loss ({value}) on {self.spec.task}, before "
+                            f"any step. {nonfinite_advice(self.spec)}")
+        return value
 
     def prefix(self):
         """The frozen-prefix cache of single-layer methods (None for the others, or with --prefix-cache off)."""
@@ -371,7 +392,8 @@ def fo_step(model, batch, prefix, opt, params, max_grad_norm: float, amp=context
     t1 = now()
     value = loss.item()
     if not math.isfinite(value):
-        raise DLZOError(f"non-finite training loss at step {step} ({value}): lower the learning rate and rerun")
+        raise DLZOError(f"non-finite training loss at step {step} ({value}): lower the learning rate and rerun "
+                        f"(in float16, a model trained in bfloat16 can overflow: use --dtype bfloat16)")
     loss.backward()
     t2 = now()
     norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm) if max_grad_norm > 0 else None
@@ -444,7 +466,7 @@ class ZOStepper:
         dev_curve = state.get("dev_curve", [])
         best = state.get("best", {"step": 0, "dev_loss": math.inf})
         if not dev_curve:  # the untrained model's: measured before replaying a run cut before its 1st checkpoint
-            dev_curve.append({"step": 0, "dev_loss": self.run.dev_loss()})
+            dev_curve.append({"step": 0, "dev_loss": self.run.initial_dev_loss()})
             write_json(self.log_path, {"dev_curve": dev_curve})
         self.opt.replay(done)
         with open(self.partial, "w") as fh:  # rewrite: drops a cut last line, keeps every good step
@@ -464,7 +486,7 @@ class ZOStepper:
                       f"checkpoint before step {err.step}", file=sys.stderr)
                 return None
             raise DLZOError(f"{err}; the trajectory up to step {err.step - 1} is kept in {self.partial}. "
-                            f"Lower the learning rate (or eps) and rerun") from err
+                            f"{nonfinite_advice(self.spec)}") from err
         return self.opt.trajectory[-1]
 
     def record(self, rec: dict) -> None:
@@ -543,7 +565,7 @@ class FOStepper:
             else:
                 print(f"zo_train: {self.state_path} belongs to another config; starting over", file=sys.stderr)
         if not dev_curve:
-            dev_curve.append({"step": 0, "dev_loss": self.run.dev_loss()})
+            dev_curve.append({"step": 0, "dev_loss": self.run.initial_dev_loss()})
         return start, dev_curve, best
 
     def step(self, step: int, batch, prefix) -> dict:
@@ -605,7 +627,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--eval-every", type=int, default=1000, help="steps between dev-loss checkpoints (0 = once an epoch)")
     ap.add_argument("--dev-eval-size", type=int, default=0, help="dev examples for checkpoint choice (0 = all)")
     ap.add_argument("--eval-batch-size", type=int, default=16)
-    ap.add_argument("--max-len", type=int, default=512)
+    ap.add_argument("--max-len", type=int, default=MAX_LEN,
+                    help="longer sequences are truncated keeping BOS, as in evaluation (dlzo.tokens; MeZO's 2048)")
     ap.add_argument("--lora-r", type=int, default=8)
     ap.add_argument("--lora-alpha", type=int, default=16)
     ap.add_argument("--restore", default="auto", choices=["auto", "mezo", "exact", "fused"],

@@ -319,9 +319,16 @@ def cli(*pairs, **options):
     return " ".join(f"{flag} {value}" for flag, value in items if value is not None)
 
 
-def runtime_args():
+def runtime_args(w, training=False):
+    """A job's --device, --dtype and --threads. The model's own dtype (models.<name>.dtype: bf16 for a model
+    trained in bf16) wins over runtime.dtype, except for first-order training, whose fp32 master weights
+    (AdamW under bf16 autocast) only runtime.dtype changes."""
     rt = config.get("runtime", {})
-    return cli(device=rt.get("device", "auto"), dtype=rt.get("dtype", "auto"), threads=rt.get("threads") or None)
+    dtype = rt.get("dtype", "auto")
+    first_order = training and M.parse_method(run_of(w).method).is_fo
+    if config["models"][w.model].get("dtype") and not first_order:
+        dtype = config["models"][w.model]["dtype"]
+    return cli(device=rt.get("device", "auto"), dtype=dtype, threads=rt.get("threads") or None)
 
 
 def scoring(task):

@@ -14,7 +14,8 @@ rule evaluate:
         run=lambda w, input: cli(selection=input.selection[0]) if input.selection
         else cli(run=str(Path(input.runs[0]).parent)),
         batch_size=config["evaluate"]["batch_size"],
-        runtime=runtime_args(),
+        max_len=config["train"]["max_len"],  # truncated as in training (MeZO's rule)
+        runtime=runtime_args,
     log:
         L.log("evaluate", "{model}/{task}/{method}/seed{seed}"),
     benchmark:
@@ -28,7 +29,7 @@ rule evaluate:
         "python -m dlzo.evaluate --model {input.model} --data $(dirname {input.test}) --task {wildcards.task} "
         "{params.run} --method {wildcards.method} --seed {wildcards.seed} "
         "--tasks-dir $(dirname {output})/lm_eval_tasks/{wildcards.method}-seed{wildcards.seed} "
-        "--batch-size {params.batch_size} {params.runtime} --out {output} > {log} 2>&1"
+        "--batch-size {params.batch_size} --max-len {params.max_len} {params.runtime} --out {output} > {log} 2>&1"
 
 
 rule evaluate_zero_shot:
@@ -40,7 +41,8 @@ rule evaluate_zero_shot:
         code=code("evaluate"),
     params:
         batch_size=config["evaluate"]["batch_size"],
-        runtime=runtime_args(),
+        max_len=config["train"]["max_len"],  # truncated as in training (MeZO's rule)
+        runtime=runtime_args,
     log:
         L.log("evaluate", "{model}/{task}/zero-shot"),
     benchmark:
@@ -53,7 +55,7 @@ rule evaluate_zero_shot:
     shell:
         "python -m dlzo.evaluate --model {input.model} --data $(dirname {input.test}) --task {wildcards.task} "
         "--method zero-shot --tasks-dir $(dirname {output})/lm_eval_tasks/zero-shot "
-        "--batch-size {params.batch_size} {params.runtime} --out {output} > {log} 2>&1"
+        "--batch-size {params.batch_size} --max-len {params.max_len} {params.runtime} --out {output} > {log} 2>&1"
 
 
 # The bias-only baseline of every multiple-choice task: the frozen model's candidate scores plus one
@@ -69,8 +71,9 @@ rule evaluate_calibrated:
         code=code("evaluate"),
     params:
         batch_size=config["evaluate"]["batch_size"],
+        max_len=config["train"]["max_len"],  # truncated as in training (MeZO's rule)
         l2=" ".join(str(x) for x in config["evaluate"].get("calibration_l2", [0.0, 0.01, 0.1, 1.0])),
-        runtime=runtime_args(),
+        runtime=runtime_args,
     log:
         L.log("evaluate", "{model}/{task}/calibrated-zero-shot"),
     benchmark:
@@ -84,4 +87,4 @@ rule evaluate_calibrated:
         "python -m dlzo.evaluate --model {input.model} --data $(dirname {input.test}) --task {wildcards.task} "
         "--method calibrated-zero-shot --calibrate --calibration-l2 {params.l2} "
         "--tasks-dir $(dirname {output})/lm_eval_tasks/calibrated-zero-shot "
-        "--batch-size {params.batch_size} {params.runtime} --out {output} > {log} 2>&1"
+        "--batch-size {params.batch_size} --max-len {params.max_len} {params.runtime} --out {output} > {log} 2>&1"

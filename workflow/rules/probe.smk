@@ -10,7 +10,7 @@ rule probe_outliers:
     params:
         # a string, not the config dict: a dict's key order would count as a change of parameters
         probe=lambda w: cli(**{k: config["probe"][k] for k in ("abs_threshold", "ratio_threshold", "n_seqs", "max_len")}),
-        runtime=runtime_args(),
+        runtime=runtime_args,
     log:
         L.log("probe_outliers", "{model}"),
     benchmark:
@@ -32,13 +32,13 @@ rule probe_sensitivity:
         json=L.probe("{model}", "sensitivity"),
     input:
         model=rules.download_model.output,
-        train=lambda w: L.data(profile_task("sensitivity"), "train"),
+        train=lambda w: L.data(w.model, profile_task("sensitivity"), "train"),
         probe=rules.probe_outliers.output.json,
         code=code("profiles"),
     params:
         task=lambda w: profile_task("sensitivity"),
         args=lambda w: profile_args("sensitivity", ("k", "batches", "batch_size", "eps", "max_len", "seed")),
-        runtime=runtime_args(),
+        runtime=runtime_args,
     log:
         L.log("probe_sensitivity", "{model}"),
     benchmark:
@@ -59,13 +59,13 @@ rule probe_gradnorm:
         json=L.probe("{model}", "gradnorm"),
     input:
         model=rules.download_model.output,
-        train=lambda w: L.data(profile_task("gradnorm"), "train"),
+        train=lambda w: L.data(w.model, profile_task("gradnorm"), "train"),
         probe=rules.probe_outliers.output.json,
         code=code("profiles"),
     params:
         task=lambda w: profile_task("gradnorm"),
         args=lambda w: profile_args("gradnorm", ("batches", "batch_size", "max_len", "seed")),
-        runtime=runtime_args(),
+        runtime=runtime_args,
     log:
         L.log("probe_gradnorm", "{model}"),
     benchmark:

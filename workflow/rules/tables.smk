@@ -32,7 +32,7 @@ rule tables:
         probes=[L.probe(m) for m in config["models"]],
         sensitivity=profile_outputs("sensitivity") if gradnorm_enabled() else [],
         gradnorm=profile_outputs("gradnorm"),
-        meta=[L.data_meta(t) for t in config["tasks"]],
+        meta=[L.data_meta(m, t) for m in config["models"] for t in config["tasks"]],
         paper="workflow/data/paper_reported.csv",
         code=code("tables"),
     params:

@@ -18,7 +18,7 @@ rule zo_train:
         args=train_args,
         selection=lambda w, input: cli(selection=input.selection[0] if input.selection else None),
         probe=lambda w, input: cli(probe=input.probe[0] if input.probe else None),
-        runtime=runtime_args(),
+        runtime=lambda w: runtime_args(w, training=True),
     log:
         L.log("zo_train", "{model}/{task}/{method}/seed{seed}"),
     benchmark:
