@@ -215,6 +215,24 @@ def test_cli(tmp_path):
     assert bad.returncode == 1 and "error: local source" in bad.stderr and "Traceback" not in bad.stderr
 
 
+def test_meta_counts_what_max_len_truncates(tiny_model, tmp_path):
+    """With the model's tokenizer, meta.json counts per split the records that max_len cuts (MeZO's rule)."""
+    from transformers import AutoTokenizer
+
+    from dlzo.tokens import encode_candidate
+
+    sizes = {"train": 5, "dev": 3, "test": 4}
+    longest = prepare("boolq", f"local:{FIXTURES}", 0, sizes, tmp_path / "all", tokenizer=tiny_model, max_len=100_000)
+    assert [longest["tokens"][k]["truncated"] for k in SPLITS] == [0, 0, 0]
+    tok, recs = AutoTokenizer.from_pretrained(str(tiny_model)), read(tmp_path / "all" / "train.jsonl")
+    cut = sorted(len(tok(r["prompt"] + c)["input_ids"]) for r in recs for c in r["candidates"])[len(recs)]
+    meta = prepare("boolq", f"local:{FIXTURES}", 0, sizes, tmp_path / "cut", tokenizer=tiny_model, max_len=cut)
+    want = sum(any(encode_candidate(tok, r["prompt"], c).n_whole > cut for c in r["candidates"]) for r in recs)
+    assert meta["tokens"]["train"] == {"truncated": want, "of": 5, "longest": longest["tokens"]["train"]["longest"]}
+    assert 0 < want < 5 and meta["tokens"]["max_len"] == cut and meta["tokens"]["keeps_bos"] is True  # tiny's BOS
+    assert read(tmp_path / "cut" / "train.jsonl") == recs  # the counts change no record
+
+
 def test_local_two_files_follow_mezo(tmp_path):
     rows = fixture_rows("copa")
     (tmp_path / "copa").mkdir()

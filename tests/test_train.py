@@ -515,3 +515,20 @@ def test_resume_before_the_first_checkpoint_keeps_step_0_the_untrained_model(tmp
     assert res["dev_curve"] == ref_res["dev_curve"]
     assert ref_res["dev_curve"][1]["dev_loss"] != ref_res["dev_curve"][0]["dev_loss"]  # the steps moved the loss
     assert (cut / "trajectory.jsonl").read_text() == (ref / "trajectory.jsonl").read_text()
+
+
+def test_nonfinite_in_fp16_names_the_dtype(tmp_path, tiny_model, sst2_data, monkeypatch):
+    """fp16 weights of a bf16-trained model can overflow: a non-finite loss says which dtype and what to set."""
+    import types
+
+    from dlzo.train import nonfinite_advice
+
+    fp16 = nonfinite_advice(types.SimpleNamespace(torch_dtype=torch.float16, dtype="fp16"))
+    assert "float16 (--dtype fp16)" in fp16 and "--dtype bfloat16" in fp16 and "models.<name>.dtype" in fp16
+    assert "float32" in nonfinite_advice(types.SimpleNamespace(torch_dtype=torch.float32, dtype="auto"))
+    import dlzo.train as train_mod
+
+    # the model as loaded already overflows (the dev loss before any step): stopped there, the dtype named
+    monkeypatch.setattr(train_mod, "mean_loss", lambda *a: float("inf"))
+    with pytest.raises(DLZOError, match=r"non-finite dev loss \(inf\) on sst2, before any step.*weights float32"):
+        run(tmp_path, tiny_model, sst2_data, "layer-1", extra=["--steps", "2"], name="overflow")
