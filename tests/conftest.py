@@ -87,6 +87,7 @@ LONGEST_FIRST = [
     "test_workflow_slurm.py::test_tiny_dag_through_the_slurm_executor_plugin",
     "test_bench.py::test_every_mode_measures",
     "test_train.py::test_sigterm_then_resume_is_bit_identical",
+    "test_reference_replay.py::test_replay_rescores_a_committed_run",
     "test_models.py::test_gguf_package_conversion_is_deterministic",
     "test_evaluate.py::test_lm_eval_cli_reproduces",
     "test_bench.py::test_memory_modes_report_what_they_tune",
