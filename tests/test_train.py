@@ -511,7 +511,7 @@ def test_resume_before_the_first_checkpoint_keeps_step_0_the_untrained_model(tmp
     cut.mkdir()
     (cut / "trajectory.partial.jsonl").write_text("\n".join(lines[:1 + 3]) + "\n")  # header + 3 steps, no log
     res, _ = run(tmp_path, tiny_model, sst2_data, method, extra=extra, name="cut")
-    assert res["resumed_from_step"] == 3
+    assert res["resumed_from_step"] == 3  # the saved steps, re-applied from the trajectory (none recomputed)
     assert res["dev_curve"] == ref_res["dev_curve"]
     assert ref_res["dev_curve"][1]["dev_loss"] != ref_res["dev_curve"][0]["dev_loss"]  # the steps moved the loss
     assert (cut / "trajectory.jsonl").read_text() == (ref / "trajectory.jsonl").read_text()
@@ -532,3 +532,24 @@ def test_nonfinite_in_fp16_names_the_dtype(tmp_path, tiny_model, sst2_data, monk
     monkeypatch.setattr(train_mod, "mean_loss", lambda *a: float("inf"))
     with pytest.raises(DLZOError, match=r"non-finite dev loss \(inf\) on sst2, before any step.*weights float32"):
         run(tmp_path, tiny_model, sst2_data, "layer-1", extra=["--steps", "2"], name="overflow")
+
+
+@pytest.mark.parametrize("method", ["layer-2", "mezo-full"])
+def test_cut_after_the_last_step_before_its_checkpoint_finishes_identically(tmp_path, tiny_model, sst2_data, method):
+    """Every step saved, the last dev checkpoint not: the rerun re-applies the saved steps (none recomputed),
+    evaluates the missed checkpoint, and ends as the uninterrupted run (a bug that left the run unable to finish)."""
+    extra = ["--steps", "6", "--eval-every", "2", "--lr", "1e-1"]
+    ref_res, ref = run(tmp_path, tiny_model, sst2_data, method, extra=extra, name="ref")
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    (cut / "trajectory.partial.jsonl").write_text((ref / "trajectory.jsonl").read_text())  # all 6 steps
+    state = {"dev_curve": ref_res["dev_curve"][:3]}  # checkpoints at 0, 2, 4: the one at 6 was never taken
+    state["best"] = min(({"step": c["step"], "dev_loss": c["dev_loss"]} for c in state["dev_curve"][1:]),
+                        key=lambda c: c["dev_loss"])  # the untrained model (step 0) is never the best
+    (cut / "log.partial.json").write_text(json.dumps(state))
+    res, _ = run(tmp_path, tiny_model, sst2_data, method, extra=extra, name="cut")
+    assert res["resumed_from_step"] == 6 and res["timing"]["s_per_step"] is None  # no step recomputed
+    assert res["dev_curve"] == ref_res["dev_curve"] and len(res["dev_curve"]) == 4
+    assert (res["best_step"], res["best_dev_loss"]) == (ref_res["best_step"], ref_res["best_dev_loss"])
+    assert (cut / "trajectory.jsonl").read_text() == (ref / "trajectory.jsonl").read_text()
+    assert (cut / "tuned.safetensors").read_bytes() == (ref / "tuned.safetensors").read_bytes()

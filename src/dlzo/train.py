@@ -340,18 +340,22 @@ def fit(run: Run, stepper) -> dict:
     signal; then the outputs. What a step is, how a run resumes and what a checkpoint saves is ``stepper``'s."""
     s = run.spec
     start, dev_curve, best = stepper.resume()  # dev_curve starts with step 0, the untrained model's
+    recovered = start + len(getattr(stepper, "pending", ()))  # steps the interrupted run had saved
     prefix = run.prefix()
     stop, step_times = _Stop(), []
     bar = tqdm(range(start, s.steps), desc=f"{s.task} {s.method.name} seed {s.seed}", initial=start, total=s.steps,
                file=sys.stderr, mininterval=2.0)
     for step in bar:
-        batch = run.batch(step)
-        t0 = _now(run.device)
-        rec = stepper.step(step, batch, prefix)
-        if rec is None:  # a non-finite loss under --on-nonfinite stop: the run ends at its best checkpoint so far
-            break
-        step_times.append(_now(run.device) - t0)
-        stepper.record(rec)
+        if stepper.recorded(step):  # saved before an interruption, past the last checkpoint: re-applied, not rerun
+            rec = stepper.reapply(step)
+        else:
+            batch = run.batch(step)
+            t0 = _now(run.device)
+            rec = stepper.step(step, batch, prefix)
+            if rec is None:  # a non-finite loss under --on-nonfinite stop: the run ends at its best checkpoint so far
+                break
+            step_times.append(_now(run.device) - t0)
+            stepper.record(rec)
         bar.set_postfix(loss=f"{train_loss(rec):.4f}")
         done = step + 1
         if done % s.eval_every == 0 or done == s.steps:
@@ -368,7 +372,7 @@ def fit(run: Run, stepper) -> dict:
     bar.close()
     train_peak = peak_memory_mb(run.device)
     traj, hyper, tuned_params = stepper.finalize(best)
-    result = run.finish(traj, hyper, tuned_params, stepper.timing, best, dev_curve, start, step_times, train_peak)
+    result = run.finish(traj, hyper, tuned_params, stepper.timing, best, dev_curve, recovered, step_times, train_peak)
     stepper.cleanup()
     return result
 
@@ -453,14 +457,16 @@ class ZOStepper:
         self.timing = self.opt.timing
         self.header = self.spec.header(run.n_params)
         self.partial, self.log_path = run.out / "trajectory.partial.jsonl", run.out / "log.partial.json"
-        self.diverged_at, self.fh = None, None
+        self.diverged_at, self.fh, self.pending = None, None, {}
 
     def _optimizer(self, named):
         s = self.spec
         return zo_optimizer(named, s.lr, s.eps, s.weight_decay, s.seed, s.restore, s.masks_at)
 
     def resume(self) -> tuple[int, list, dict]:
-        """(steps done, dev curve, best): an interrupted run's, its steps replayed; else a fresh start."""
+        """(step to go on from, dev curve, best): an interrupted run's, replayed to its last dev checkpoint;
+        else a fresh start. Steps recorded after that checkpoint are kept and re-applied by the loop
+        (``recorded``/``reapply``), so the checkpoints they passed are evaluated as in an uninterrupted run."""
         done = _read_partial(self.partial, self.header["config_hash"])[: self.spec.steps]
         state = read_json(self.log_path) if done and self.log_path.exists() else {}
         dev_curve = state.get("dev_curve", [])
@@ -468,11 +474,22 @@ class ZOStepper:
         if not dev_curve:  # the untrained model's: measured before replaying a run cut before its 1st checkpoint
             dev_curve.append({"step": 0, "dev_loss": self.run.initial_dev_loss()})
             write_json(self.log_path, {"dev_curve": dev_curve})
-        self.opt.replay(done)
+        start = min(dev_curve[-1]["step"], len(done))
+        self.opt.replay(done[:start])
+        self.pending = {start + i: rec for i, rec in enumerate(done[start:])}
         with open(self.partial, "w") as fh:  # rewrite: drops a cut last line, keeps every good step
             fh.writelines(json.dumps(r) + "\n" for r in [self.header, *done])
         self.fh = open(self.partial, "a")
-        return len(done), dev_curve, best
+        return start, dev_curve, best
+
+    def recorded(self, step: int) -> bool:
+        return step in self.pending
+
+    def reapply(self, step: int) -> dict:
+        """A step the trajectory already holds: its update applied again (the same bits), its record kept."""
+        rec = self.pending.pop(step)
+        self.opt.replay([rec])
+        return rec
 
     def step(self, step: int, batch, prefix) -> dict | None:
         """The step's trajectory record; None when the loss was non-finite and --on-nonfinite is stop."""
@@ -573,6 +590,9 @@ class FOStepper:
         value, norm = fo_step(run.model, batch, prefix, self.opt, self.params, self.spec.max_grad_norm, run.amp,
                               step, lambda: _now(run.device), self.timing)
         return {"step": step, "loss": value, "lr": self.opt.param_groups[0]["lr"], "grad_norm": norm}
+
+    def recorded(self, step: int) -> bool:  # a first-order run resumes from its saved state only
+        return False
 
     def record(self, rec: dict) -> None:
         self.records.append(rec)
@@ -691,8 +711,9 @@ def main(argv=None) -> int:
         print(f"zo_train: error: {err}", file=sys.stderr)
         return 1
     t = res["timing"]
+    speed = f"{t['s_per_step']:.3f} s/step" if t["s_per_step"] is not None else "no step run here (resumed)"
     print(f"{args.task} {args.method} seed {args.seed}: best dev loss {res['best_dev_loss']:.4f} at step "
-          f"{res['best_step']}, {t['s_per_step']:.3f} s/step, peak {res['peak_memory_mb']:.0f} MB "
+          f"{res['best_step']}, {speed}, peak {res['peak_memory_mb']:.0f} MB "
           f"(inference {res['inference_peak_mb']:.0f} MB)")
     return 0
 
