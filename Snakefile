@@ -10,8 +10,9 @@ min_version("9.0")
 
 
 # config.yaml is the paper's reproduction. A --configfile replaces it instead of being merged into
-# it (Snakemake would otherwise deep-merge the two and the demo would inherit the paper's models).
-if not config:
+# it (Snakemake would otherwise deep-merge the two and the demo would inherit the paper's models);
+# without one, config.yaml is read and --config's keys (e.g. results=/scratch/x) go on top of it.
+if not workflow.config_settings.configfiles:
 
     configfile: "config.yaml"
 

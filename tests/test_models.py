@@ -1,6 +1,7 @@
 """download_model sources, decoder-layer location, parameter selection, and the training losses."""
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from dlzo.models import build_tiny, decoder_layers, load_model, load_tokenizer, 
 from dlzo.objectives import loss, make_batch, sequence_scores
 from dlzo.tokens import encode_candidate
 
-from conftest import SMOLLM2
+from conftest import REPO, SMOLLM2
 
 CPU = torch.device("cpu")
 
@@ -158,3 +159,46 @@ def test_gguf_package_conversion_is_deterministic(tmp_path):
     assert meta["architecture"] == "LlamaForCausalLM"
     if SMOLLM2.exists():  # the pipeline's copy, converted by another run: byte-identical weights
         assert (tmp_path / "a" / "model.safetensors").read_bytes() == (SMOLLM2 / "model.safetensors").read_bytes()
+
+
+def test_a_gpu_given_but_unusable_is_an_error_not_a_cpu_run(monkeypatch):
+    """Given a GPU by the scheduler (CUDA_VISIBLE_DEVICES) with a torch that cannot use it: stop at once, saying
+    why, instead of a 7B job crawling on one CPU core until its time limit."""
+    from dlzo.runtime import pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for unset in ("", "-1", "NoDevFiles"):
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", unset)
+        assert pick_device("auto").type == "cpu"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2")
+    with pytest.raises(DLZOError, match=r"given a GPU \(CUDA_VISIBLE_DEVICES=2\) but torch .* cannot use CUDA"):
+        pick_device("auto")
+    assert pick_device("cpu").type == "cpu"  # a CPU run on purpose
+    with pytest.raises(DLZOError, match="no CUDA GPU"):
+        pick_device("cuda")
+
+
+def test_four_jobs_on_four_gpus_never_share_one(tmp_path):
+    """One machine with several GPUs (simulated: DLZO_GPU_SLOTS=4): concurrent jobs each claim their own slot
+    (CUDA_VISIBLE_DEVICES) before CUDA starts; a fifth finds none free and says so."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("CUDA_VISIBLE_DEVICES", "SLURM_JOB_ID")}
+    env.update(DLZO_GPU_SLOTS="4", DLZO_GPU_LOCK_DIR=str(tmp_path / "slots"), PYTHONPATH=str(REPO / "src"))
+    job = ("import os, sys, time; from dlzo.runtime import claim_gpu_slot; slot = claim_gpu_slot(wait_s=float(sys.argv[1]));"
+           " print(slot, os.environ['CUDA_VISIBLE_DEVICES'], flush=True); time.sleep(float(sys.argv[2]))")
+    holders = [subprocess.Popen([sys.executable, "-c", job, "60", "8"], env=env, stdout=subprocess.PIPE, text=True)
+               for _ in range(4)]
+    slots = [p.stdout.readline().split() for p in holders]  # each has claimed (and prints) before sleeping
+    assert sorted(s for s, _ in slots) == ["0", "1", "2", "3"] and all(s == v for s, v in slots)
+    fifth = subprocess.run([sys.executable, "-c", job, "0.5", "0"], env=env, capture_output=True, text=True)
+    assert fifth.returncode != 0 and "no free GPU slot of 4" in fifth.stderr
+    for p in holders:
+        p.kill()
+        p.wait()
+    again = subprocess.run([sys.executable, "-c", job, "5", "0"], env=env, capture_output=True, text=True)
+    assert again.returncode == 0 and again.stdout.split()[0] in {"0", "1", "2", "3"}  # freed with the process
+    given = subprocess.run([sys.executable, "-c", job, "5", "0"], env={**env, "CUDA_VISIBLE_DEVICES": "7"},
+                           capture_output=True, text=True)
+    assert given.stdout.split() == ["None", "7"]  # a scheduler's assignment is kept

@@ -141,14 +141,17 @@ def test_sensitivity_other_architectures(tiny_models, sst2_data, arch):
     assert same_bits(before, state(model)) and no_hooks(model)
 
 
-def test_sensitivity_cli(tiny_models, sst2_data, tmp_path):
+def test_sensitivity_cli(tiny_models, sst2_data, tmp_path, capsys):
     d, _, tok = tiny_models("llama", 1)
     probe_json = tmp_path / "probe.json"
     assert probe_main(["--model", str(d), "--out", str(probe_json), "--threads", "1"]) == 0
     out, png = tmp_path / "o" / "sensitivity.json", tmp_path / "o" / "sensitivity_profile.png"
     args = ["sensitivity", "--model", str(d), "--data", str(sst2_data), "--task", "sst2", "--k", "2",
             "--batches", "2", "--batch-size", "2", "--threads", "1"]
+    capsys.readouterr()
     assert main(args + ["--out", str(out), "--probe", str(probe_json)]) == 0
+    progress = [line for line in capsys.readouterr().err.splitlines() if line.startswith("sensitivity: layer")]
+    assert [line.split()[2] for line in progress] == ["0", "1", "2", "3"]  # a line per layer in the job's log
     assert figures_main(["sensitivity", "--sensitivity", str(out), "--out", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     r = json.loads(out.read_text())
@@ -221,7 +224,7 @@ def test_probes_on_shared_prompt_batches_measure_what_per_candidate_batches_do(t
     assert json.loads(out.read_text())["scoring"] == "shared-prompt"
 
 
-def test_gradnorm_cli_writes_json_and_the_three_predictor_figure(tiny_models, sst2_data, tmp_path):
+def test_gradnorm_cli_writes_json_and_the_three_predictor_figure(tiny_models, sst2_data, tmp_path, capsys):
     d, _, _ = tiny_models("llama", 1)
     probe_json, sens_json = tmp_path / "probe.json", tmp_path / "sensitivity.json"
     assert probe_main(["--model", str(d), "--out", str(probe_json), "--threads", "1"]) == 0
@@ -230,7 +233,9 @@ def test_gradnorm_cli_writes_json_and_the_three_predictor_figure(tiny_models, ss
     out, png = tmp_path / "gradnorm.json", tmp_path / "layer_predictors.png"
     args = ["gradnorm", "--model", str(d), "--data", str(sst2_data), "--task", "sst2", "--batches", "2",
             "--batch-size", "2", "--threads", "1", "--out", str(out)]
+    capsys.readouterr()
     assert main(args + ["--probe", str(probe_json)]) == 0
+    assert capsys.readouterr().err.count("gradnorm: batch ") == 2  # progress in the job's log
     fig = ["predictors", "--probe", str(probe_json), "--sensitivity", str(sens_json), "--out", str(png)]
     assert figures_main(fig + ["--gradnorm", str(out)]) == 0
     r = json.loads(out.read_text())

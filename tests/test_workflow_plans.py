@@ -144,6 +144,16 @@ def test_paper_config_plans_the_whole_dag_offline(workdir):
                     "plot_sensitivity": 2, "plot_predictors": 2}
 
 
+def test_config_override_goes_on_top_of_config_yaml(workdir, tmp_path):
+    """`--config results=<dir>` alone (a cluster's scratch): config.yaml is read and the key replaced, instead
+    of a config of that one key failing validation."""
+    proc = snakemake(workdir, "-n", "--quiet", "rules", "--config", f"results={tmp_path}/scratch")
+    assert planned_jobs(proc)["zo_train"] == 2 * 9 * (4 + 4 + 2 + 2 + 4 + 3 + 3) + 9 * (32 + 36)
+    plan = snakemake(workdir, "-n", "--forceall", "-p", "--config", f"results={tmp_path}/scratch",
+                     "--", f"{tmp_path}/scratch/data/llama2-7b/rte/meta.json").stdout
+    assert f"{tmp_path}/scratch/models/llama2-7b" in plan and "--source 'hub'" in plan
+
+
 def test_lint_is_clean(workdir):
     proc = snakemake(workdir, "--lint")
     assert "good condition" in proc.stdout + proc.stderr

@@ -55,7 +55,7 @@ def _hf(repo: str, revision: str, out: Path) -> None:
                           allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"])
     except Exception as err:  # the hub raises many types: connection, auth (gated LLaMA), not found
         raise DLZOError(f"download of {repo}@{revision} failed ({type(err).__name__}: {err}). Check the "
-                        f"network, `huggingface-cli login` for gated models, and the repo/revision names") from err
+                        f"network, `hf auth login` for gated models, and the repo/revision names") from err
 
 
 def _gguf(package: str, fname: str, out: Path) -> None:

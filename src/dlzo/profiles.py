@@ -79,6 +79,7 @@ def sensitivity(model, batches: list, k: int = 8, eps: float = 1e-3, seed: int =
         raise DLZOError(f"layer index {bad[0]} is past the model's depth ({n} decoder layers, indices 0..{n - 1})")
     for b in batches:
         b.memo.clear()
+    started = time.time()
     base = [float(objective_loss(model, b)) for b in batches]
     out_layers, used_prefix = [], set()
     for i in layers:
@@ -101,6 +102,10 @@ def sensitivity(model, batches: list, k: int = 8, eps: float = 1e-3, seed: int =
             for b in batches:
                 b.memo.clear()
         g = [r["g"] for r in samples]
+        # progress in the job's log: a 7B model's profile runs for a long time before its JSON appears
+        spread = float(torch.tensor(g).std(unbiased=False))
+        print(f"sensitivity: layer {i} ({len(out_layers) + 1}/{len(layers)}), {len(samples)} draws x batches, "
+              f"std(g) {spread:.4g}, {time.time() - started:.0f} s so far", file=sys.stderr, flush=True)
         out_layers.append({"index": i, "n_params": sum(p.numel() for p in opt.tensors()), "g": _spread(g),
                            "abs_diff": _spread([abs(r["loss_plus"] - r["loss_minus"]) for r in samples]),
                            "samples": samples})
@@ -179,6 +184,8 @@ def gradient_norms(model, batches: list) -> dict:
             loss = objective_loss(model, batch)
             losses.append(loss.item())
             loss.backward()
+            print(f"gradnorm: batch {b_i + 1}/{len(batches)} backpropagated (loss {losses[-1]:.4f})",
+                  file=sys.stderr, flush=True)
         model.train(was_training)
     finally:
         for h in hooks:

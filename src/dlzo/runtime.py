@@ -26,12 +26,82 @@ DTYPES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16":
           "bf16": "bfloat16", "bfloat16": "bfloat16", "fp64": "float64", "float64": "float64"}
 
 
+GPU_SLOTS_ENV, GPU_LOCK_DIR_ENV = "DLZO_GPU_SLOTS", "DLZO_GPU_LOCK_DIR"
+_slot = None  # this process's GPU slot: an open, locked file, released when the process ends
+
+
+def gpu_slots() -> int:
+    """The machine's GPUs, counted without touching CUDA (``nvidia-smi -L``); ``DLZO_GPU_SLOTS`` overrides."""
+    if os.environ.get(GPU_SLOTS_ENV):
+        return int(os.environ[GPU_SLOTS_ENV])
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    return sum(line.startswith("GPU ") for line in out.splitlines())
+
+
+def claim_gpu_slot(wait_s: float = 24 * 3600) -> str | None:
+    """One machine, several GPUs, no scheduler handing them out (``snakemake --cores 16 --resources gpu=4``):
+    give this job a GPU of its own before CUDA starts. Slot i is the lock file ``gpu<i>.lock`` in
+    ``$DLZO_GPU_LOCK_DIR`` (default /tmp/dlzo-gpu-slots-<uid>), held until the process ends; the job then sees
+    only GPU i (``CUDA_VISIBLE_DEVICES=i``). A no-op where CUDA_VISIBLE_DEVICES is already set (SLURM and
+    most schedulers set it), under SLURM, or with fewer than two GPUs. Returns the slot, or None."""
+    global _slot
+    if _slot is not None:
+        return os.environ.get("CUDA_VISIBLE_DEVICES")
+    if "CUDA_VISIBLE_DEVICES" in os.environ or os.environ.get("SLURM_JOB_ID"):
+        return None
+    n = gpu_slots()
+    if n < 2:
+        return None
+    import fcntl
+
+    folder = Path(os.environ.get(GPU_LOCK_DIR_ENV) or f"/tmp/dlzo-gpu-slots-{os.getuid()}")
+    folder.mkdir(parents=True, exist_ok=True)
+    deadline = time.time() + wait_s
+    while True:
+        for i in range(n):
+            fh = open(folder / f"gpu{i}.lock", "a")
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                fh.close()
+                continue
+            _slot = fh
+            os.environ["CUDA_VISIBLE_DEVICES"] = str(i)
+            return str(i)
+        if time.time() > deadline:
+            raise DLZOError(f"no free GPU slot of {n} in {folder} after {wait_s:.0f} s: more GPU jobs run at once "
+                            f"than the machine has GPUs (give snakemake --resources gpu=<at most {n}>)")
+        time.sleep(1.0)
+
+
+def gpu_given() -> str | None:
+    """What says that this job was given a GPU (the scheduler's CUDA_VISIBLE_DEVICES naming one), or None."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
+    return f"CUDA_VISIBLE_DEVICES={visible}" if visible and visible not in ("-1", "NoDevFiles") else None
+
+
 def pick_device(requested: str = "auto") -> torch.device:
-    """``auto``: CUDA when present, else CPU. An explicit ``cuda`` without a GPU is an error."""
+    """``auto``: CUDA when present, else CPU, unless the job was given a GPU that torch cannot use: that
+    is an error, never a silent CPU run (a 7B job would crawl on one core until its time limit). An
+    explicit ``cuda`` without a usable GPU is an error too."""
     import torch
 
+    if requested in (None, "", "auto", "cuda"):
+        claim_gpu_slot()  # before CUDA starts: several GPUs on one machine, one each
     if requested in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        given = gpu_given()
+        if given:
+            raise DLZOError(
+                f"this job was given a GPU ({given}) but torch {torch.__version__} cannot use CUDA "
+                f"(its CUDA build: {torch.version.cuda or 'none, a CPU-only wheel'}): install torch for the "
+                f"node's CUDA line and driver (README, cluster set-up), or run on CPU on purpose with --device cpu "
+                f"(config: runtime.device: cpu)")
+        return torch.device("cpu")
     dev = torch.device(requested)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise DLZOError(f"device {requested!r} was asked for but torch sees no CUDA GPU")
