@@ -12,6 +12,7 @@ import shlex
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -312,3 +313,32 @@ def test_calibrate_refuses_generation_tasks_and_missing_splits(tiny, tmp_path):
         (g / f"{name}.jsonl").write_text(json.dumps(rec[0]) + "\n")
     with pytest.raises(DLZOError, match="multiple-choice"):
         calibrate(model, tok, "squad", g, tmp_path / "tasks")
+
+
+@pytest.mark.parametrize("method", ["lora-zo", "layer-1"])
+def test_tuned_number_rechecked_outside_with_the_recorded_command(tmp_path, tiny_model, sst2_data, method):
+    """A tuned run's result records the command that reproduces it outside the pipeline: the run exported as a
+    model folder (LoRA merged), then lm-eval on it; run as a user would, it gives the same numbers."""
+    from dlzo.train import main as train
+
+    run = tmp_path / "run"
+    assert train(["--model", str(tiny_model), "--data", str(sst2_data), "--task", "sst2", "--method", method,
+                  "--seed", "0", "--out", str(run), "--steps", "4", "--batch-size", "2", "--eval-every", "2",
+                  "--lr", "1e-1", "--threads", "1"]) == 0
+    out = tmp_path / "res.json"
+    main(["--model", str(tiny_model), "--data", str(sst2_data), "--task", "sst2", "--run", str(run), "--out", str(out),
+          "--batch-size", "2", "--device", "cpu", "--threads", "1", "--method", method])
+    res = json.loads(out.read_text())
+    cmd = res["lm_eval_cli"]
+    assert cmd.startswith("python -m dlzo.tuning export ") and " && python -m dlzo.harness --model dlzo-hf " in cmd
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    proc = subprocess.run(["bash", "-c", cmd + f" --output_path {tmp_path / 'cli'}"], capture_output=True, text=True,
+                          cwd=tmp_path, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (path,) = glob.glob(str(tmp_path / "cli" / "**" / "results_*.json"), recursive=True)
+    cli = json.loads(open(path).read())["results"]["dlzo_sst2"]
+    for metric in ("acc_per_token", "acc", "acc_norm"):
+        assert cli[f"{metric},none"] == res["metrics"][metric], metric
+    exported = json.loads((Path(res["tasks_dir"]) / "tuned_model" / "dlzo_export.json").read_text())
+    assert exported["run"] == str(run) and exported["method"] == method

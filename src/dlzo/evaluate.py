@@ -194,6 +194,18 @@ def cli_command(model_dir, tasks_dir, name, batch_size, dtype="float32", device=
     return cmd + (f" --limit {limit}" if limit else "")
 
 
+def recheck_command(model_dir, run_dir, replay: bool, tasks_dir, name, batch_size, dtype, device, limit=None,
+                    max_len: int = MAX_LEN) -> str:
+    """The command that reproduces a result outside the pipeline: lm-eval on the base model folder, or, for a
+    tuned run, the run exported as a model folder (``python -m dlzo.tuning export``) and lm-eval on that."""
+    if not run_dir:
+        return cli_command(model_dir, tasks_dir, name, batch_size, dtype, device, limit, max_len)
+    folder = Path(tasks_dir).resolve() / "tuned_model"
+    export = (f"python -m dlzo.tuning export --model {Path(model_dir).resolve()} --run {Path(run_dir).resolve()} "
+              f"--out {folder} --device {device} --dtype {dtype}" + (" --replay" if replay else ""))
+    return export + " && " + cli_command(folder, tasks_dir, name, batch_size, dtype, device, limit, max_len)
+
+
 def _harness_lm(model, tokenizer, batch_size: int, max_len: int):
     """The dlzo-hf lm-eval model over an in-memory model; log-softmax in fp32 for half-precision weights
     (half precision loses digits in the candidates' log-likelihoods)."""
@@ -432,9 +444,10 @@ def main(argv: list[str] | None = None) -> int:
         method=args.method or ("calibrated-zero-shot" if args.calibrate else "zero-shot" if not args.run else None),
         seed=args.seed,
         protocol=meta.get("protocol"),
-        # reproduces base-model numbers only: a tuned run must first be saved as a model folder
-        lm_eval_cli=cli_command(args.model, tasks_dir, result["lm_eval_task"], args.batch_size,
-                                str(dtype).replace("torch.", ""), str(device), args.limit, args.max_len),
+        # outside the pipeline: a tuned run is first written as a model folder (dlzo.tuning export)
+        lm_eval_cli=recheck_command(args.model, args.run, args.replay, tasks_dir, result["lm_eval_task"],
+                                    args.batch_size, str(dtype).replace("torch.", ""), str(device), args.limit,
+                                    args.max_len),
         provenance=provenance(device, dtype, started, config=vars(args)))
     write_json(out, result)
     return 0

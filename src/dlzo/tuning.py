@@ -3,7 +3,10 @@
 ``build`` (the base model and the tensors a method kind tunes, LoRA adapters added), ``weights_dtype`` and
 ``amp_context`` (a method's precision), ``zo_optimizer`` (a run's ZO-SGD, the same for training, rebuilding
 its best checkpoint and evaluation's replay) and ``load_tuned_model`` (the base model with a finished run's
-best checkpoint applied). Apart from ``dlzo.models`` so that the stages that only read a model (the probe,
+best checkpoint applied). Its command line writes a tuned run as a Hugging Face model folder that any tool
+reads (LoRA merged into the weights), which is how a tuned number is rechecked outside the pipeline:
+
+    python -m dlzo.tuning export --model <base model dir> --run <run dir> --out <folder> [--replay] Apart from ``dlzo.models`` so that the stages that only read a model (the probe,
 the data and download stages) do not depend on the optimizer: an edit here or in ``dlzo.zo`` reruns training
 and evaluation, never the probe.
 """
@@ -114,3 +117,46 @@ def _finish(model):
         model = model.merge_and_unload()
     model.eval()
     return model
+
+
+def export(model_dir, run_dir, out, device, dtype, replay: bool = False) -> Path:
+    """Write the run's best checkpoint (LoRA merged) and the base model's tokenizer as a Hugging Face model
+    folder, with ``dlzo_export.json`` naming the run; complete or absent (written beside, then renamed)."""
+    from dlzo.io import atomic_dir, write_json
+    from dlzo.models import load_tokenizer
+
+    model = load_tuned_model(model_dir, run_dir, device, dtype, replay=replay)
+    log = read_json(Path(run_dir) / "log.json", "training log")
+    with atomic_dir(Path(out)) as tmp:
+        model.save_pretrained(str(tmp))
+        load_tokenizer(model_dir).save_pretrained(str(tmp))
+        write_json(tmp / "dlzo_export.json", {"base_model": str(model_dir), "run": str(run_dir),
+                                              "method": log.get("method"), "best_step": log.get("best_step"),
+                                              "replay": replay, "dtype": str(dtype).replace("torch.", "")})
+    return Path(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from dlzo.runtime import add_runtime_args, setup_runtime
+
+    ap = argparse.ArgumentParser(prog="python -m dlzo.tuning", description="tuned runs as model folders")
+    sub = ap.add_subparsers(dest="command", required=True)
+    ex = sub.add_parser("export", help="a run's best checkpoint (LoRA merged) as a Hugging Face model folder")
+    ex.add_argument("--model", required=True, help="the base model folder the run started from")
+    ex.add_argument("--run", required=True, help="the training run folder (log.json, tuned.safetensors)")
+    ex.add_argument("--out", required=True, help="the model folder to write")
+    ex.add_argument("--replay", action="store_true", help="rebuild the weights from the run's trajectory.jsonl")
+    add_runtime_args(ex)
+    args = ap.parse_args(argv)
+    device, dtype = setup_runtime(args)
+    out = export(args.model, args.run, args.out, device, dtype, args.replay)
+    print(f"dlzo.tuning: {args.run} -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    from dlzo import run_cli
+
+    run_cli(main, "tuning")
