@@ -33,6 +33,30 @@ def test_hub_download_fails_clearly_offline(tmp_path, monkeypatch):
     assert not (tmp_path / "m").exists()  # nothing half-made is left behind
 
 
+def test_hub_download_pins_and_records_the_resolved_commit(tmp_path, monkeypatch):
+    """hf:<repo>@main: the branch is resolved to its commit first, that commit is downloaded and recorded in
+    dlzo_model.json (the hub is stood in for: tests never touch it)."""
+    import huggingface_hub
+
+    import dlzo.download as dl
+
+    fetched = {}
+
+    class Info:
+        sha = "0123456789abcdef0123456789abcdef01234567"
+
+    def snapshot_download(repo_id, revision, local_dir, allow_patterns):
+        fetched.update(repo=repo_id, revision=revision)
+        build_tiny(local_dir, layers=2)
+
+    monkeypatch.setattr(dl, "hub_offline", lambda: False)
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", lambda self, repo, revision: Info())
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    meta = download("hf:org/model@main", tmp_path / "m", num_layers=2)
+    assert fetched == {"repo": "org/model", "revision": Info.sha} and meta["resolved_commit"] == Info.sha
+    assert json.loads((tmp_path / "m" / "dlzo_model.json").read_text())["resolved_commit"] == Info.sha
+
+
 def test_tiny_and_local_sources(tmp_path):
     meta = download("tiny:qwen3:3", tmp_path / "q", num_layers=3)
     assert meta["architecture"] == "Qwen3ForCausalLM" and meta["num_layers"] == 3

@@ -374,8 +374,25 @@ def test_hub_source_via_local_repo(tmp_path, monkeypatch):
         assert meta["indices"] == {"train": perm[:4], "dev": perm[4:],
                                    "test": np.random.RandomState(0).permutation(len(rows) - 7).tolist()[:3]}
         assert meta["origin"]["train"].endswith("split train") and meta["origin"]["test"].endswith("split validation")
+        assert meta["hub_revision"] is None  # a local mirror has no commit
     monkeypatch.delenv("DLZO_HUB_DATA_DIR")
     assert hub_source(get_task("wsc")) == ("aps/super_glue", "wsc.fixed")
+
+    # the hub itself (stood in for): the dataset's commit is resolved first, loaded, and recorded
+    import huggingface_hub
+
+    class Info:
+        sha = "fedcba9876543210fedcba9876543210fedcba98"
+
+    loaded = {}
+    local = datasets.load_dataset("json", data_files={"train": str(tmp_path / "hub/aps/super_glue/wsc.fixed/train.jsonl"),
+                                                      "validation": str(tmp_path / "hub/aps/super_glue/wsc.fixed/validation.jsonl")})
+    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", lambda self, path: Info())
+    monkeypatch.setattr(datasets, "load_dataset", lambda path, config, revision: loaded.update(
+        path=path, config=config, revision=revision) or local)
+    meta = prepare("wsc", "hub", 0, {"train": 4, "dev": 2, "test": 3}, tmp_path / "wsc-hub")
+    assert loaded == {"path": "aps/super_glue", "config": "wsc.fixed", "revision": Info.sha}
+    assert meta["hub_revision"] == Info.sha and meta["hub"] == ["aps/super_glue", "wsc.fixed"]
 
 
 def test_hub_failure_is_explained(tmp_path, monkeypatch):

@@ -5,6 +5,7 @@ import re
 import pytest
 import yaml
 
+from conftest import REPO
 from workflow_support import copy_workflow, planned_jobs, snakemake
 
 
@@ -142,6 +143,13 @@ def test_paper_config_plans_the_whole_dag_offline(workdir):
                     "probe_gradnorm": 2, "zo_train": trainings, "select_hyper": 2 * 9 * 7, "evaluate": results,
                     "evaluate_zero_shot": 18, "evaluate_calibrated": 2 * 7, "tables": 1, "all": 1, "plot_probe": 2,
                     "plot_sensitivity": 2, "plot_predictors": 2}
+    # the README's paper section states the plan: it must be this one (a stale count fails here)
+    readme = (REPO / "README.md").read_text()
+    stated = re.search(r"plan: ([\d,]+) jobs \(([\d,]+) trainings, ([\d,]+) grid choices, ([\d,]+) evaluations\)", readme)
+    assert stated, "README.md's paper section no longer states the plan as 'plan: N jobs (...)'"
+    evaluations = jobs["evaluate"] + jobs["evaluate_zero_shot"] + jobs["evaluate_calibrated"]
+    assert [int(x.replace(",", "")) for x in stated.groups()] == [sum(jobs.values()), trainings,
+                                                                 jobs["select_hyper"], evaluations]
 
 
 def test_config_override_goes_on_top_of_config_yaml(workdir, tmp_path):

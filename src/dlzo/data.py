@@ -127,10 +127,17 @@ def _olmo_pool(spec: TaskSpec) -> tuple[Pool, dict]:
 
 
 def _hub_pools(spec: TaskSpec) -> tuple[dict[str, Pool], dict]:
+    """The hub's train and validation splits, at the dataset's commit resolved first and recorded (a repo's
+    main branch moves); a local mirror (DLZO_HUB_DATA_DIR) has none."""
     import datasets
     path, config = hub_source(spec)
+    revision = None
     try:
-        dd = datasets.load_dataset(path, config)
+        if (path, config) == spec.hub:  # the hub itself, not a local mirror
+            from huggingface_hub import HfApi
+
+            revision = HfApi().dataset_info(path).sha
+        dd = datasets.load_dataset(path, config, revision=revision)
     except Exception as err:  # network, offline mode, moved repos: say what was tried and the way out
         raise DLZOError(f"could not load hub dataset {path!r} config {config!r} for {spec.name}: "
                         f"{type(err).__name__}: {err}. Offline, use --source olmo or local:<dir>, or "
@@ -142,7 +149,7 @@ def _hub_pools(spec: TaskSpec) -> tuple[dict[str, Pool], dict]:
                             f"(splits: {sorted(dd)})")
         name = f"{path}" + (f"[{config}]" if config else "")
         pools[role] = Pool(f"hub {name} split {split}", dd[split], split, False)
-    return pools, {"hub": [path, config]}
+    return pools, {"hub": [path, config], "hub_revision": revision}
 
 
 def _local_pools(spec: TaskSpec, root: str) -> tuple[str, dict[str, Pool]]:

