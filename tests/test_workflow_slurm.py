@@ -86,7 +86,8 @@ def test_tiny_dag_through_the_slurm_executor_plugin(tmp_path_factory):
                                                      if k not in ("--wrap", "--output", "--job-name")))
         assert flags["--comment"].startswith(f"rule_{rule}_wildcards_")
         assert flags["--gpus"] == str(res["gpu"]), (rule, flags)  # a GPU, as many as the model asks
-        assert flags["--mem"] == str(res["mem_mb"]) and flags["-t"] == str(res["runtime"]), (rule, flags)
+        assert flags["--mem"] == str(res["mem_mb"]) and flags["-t"] == str(res["runtime"]), (rule, flags)  # attempt 1
+        assert flags["--signal"] == "TERM@600", (rule, flags)  # SIGTERM early enough to save, from the profile
         assert flags["-A"] == slurm_standin.ACCOUNT and flags["-p"] == "gpu"  # guessed, validated, default partition
         assert flags["--parsable"] is True and flags["-D"] == str(root)
         step = srun[str(rec["jobid"])]  # inside the job, the jobstep plugin ran the rule through srun

@@ -307,9 +307,11 @@ def model_resources(model, key, default):
 # The GPU rules' resources (sbatch --gpus, --mem, -t under the SLURM profile), from the model's config entry,
 # and their threads (runtime.threads): `threads: THREADS` and `resources: **MODEL_RESOURCES` in each rule.
 THREADS = config.get("runtime", {}).get("threads") or 1
+# A retried job (the profile's `retries`) asks for `attempt` times the runtime: one cut by its time limit
+# resumes (zo_train from its trajectory) with room to finish instead of being cut again at the same point.
 MODEL_RESOURCES = dict(gpu=lambda w: model_resources(w.model, "gpu", 0),
                        mem_mb=lambda w: model_resources(w.model, "mem_mb", 8000),
-                       runtime=lambda w: model_resources(w.model, "runtime", 60))
+                       runtime=lambda w, attempt: model_resources(w.model, "runtime", 60) * attempt)
 
 
 def cli(*pairs, **options):
