@@ -222,14 +222,13 @@ def token_lengths(tokenizer_dir: str | os.PathLike, max_len: int, splits: dict[s
     tokenizer (``dlzo.tokens``; a record counts when any candidate's sequence is cut), and the longest."""
     from transformers import AutoTokenizer
 
-    from dlzo.tasks import gold_continuation
     from dlzo.tokens import adds_bos, count_truncated
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     out = {"protocol": "mezo", "max_len": max_len, "tokenizer": str(tokenizer_dir), "keeps_bos": adds_bos(tok)}
     for split, records in splits.items():
         try:
-            out[split] = count_truncated(tok, records, max_len, gold_continuation)
+            out[split] = count_truncated(tok, records, max_len)
         except DLZOError as err:
             raise DLZOError(f"{split} split, tokenizer of {tokenizer_dir}: {err}") from None
     return out

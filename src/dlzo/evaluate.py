@@ -260,8 +260,6 @@ def candidate_scores(model, tokenizer, task: str, files: dict, tasks_dir, batch_
     ``files`` maps split -> JSONL. One lm-eval task per split (``dlzo_<task>_<split>``), samples logged; the
     score is what the task's headline metric compares: the mean token log-probability (acc_per_token), the
     summed log-likelihood (acc), or the latter divided by the candidate's length in characters (acc_norm)."""
-    from dlzo.tokens import encode_candidate
-
     names = {split: write_task_yaml(task, path, tasks_dir, name=f"dlzo_{task}_{split}") for split, path in files.items()}
     kind, headline = task_kind(task, read_jsonl(next(iter(files.values()))))
     if kind != "multiple_choice":
@@ -276,13 +274,12 @@ def candidate_scores(model, tokenizer, task: str, files: dict, tasks_dir, batch_
             raise DLZOError(f"lm-eval scored {len(samples)} of the {len(records)} records of {files[split]}")
         scores = []
         for rec, smp in zip(records, samples):
-            lls = [float(r[0][0] if isinstance(r[0], (list, tuple)) else r[0]) for r in smp["resps"]]
+            lls = [r[0][0] if isinstance(r[0], (list, tuple)) else r[0] for r in smp["resps"]]
             if headline == "acc_norm":
                 lls = [ll / max(len(c), 1) for ll, c in zip(lls, rec["candidates"])]
-            elif headline == "acc_per_token":  # the same counts as the harness's (dlzo.tokens)
-                lls = [ll / encode_candidate(tokenizer, rec["prompt"], c, max_len).n_scored
-                       for ll, c in zip(lls, rec["candidates"])]
-            scores.append(lls)
+            elif headline == "acc_per_token":  # the token counts the harness scored (TokenLogLik)
+                lls = [ll / ll.n_tokens for ll in lls]
+            scores.append([float(ll) for ll in lls])
         lm_metric = _flatten(out["results"][name]).get(headline)
         result[split] = (scores, [int(r["label"]) for r in records], headline, lm_metric)
     return result

@@ -57,10 +57,11 @@ class MeZOHFLM(HFLM):
         enc = encode_candidate(self.tokenizer, context, continuation, self.max_length, self._keep_bos)
         return enc.context, enc.scored
 
-    def loglikelihood(self, requests, disable_tqdm: bool = False):
-        out = super().loglikelihood(requests, disable_tqdm=disable_tqdm)
-        counts = [len(self._encode_pair(*req.args)[1]) for req in requests]
-        return [(TokenLogLik(ll, n), greedy) for (ll, greedy), n in zip(out, counts)]
+    def _loglikelihood_tokens(self, requests, **kwargs):
+        """lm-eval's scoring of ((context, continuation), context ids, continuation ids) requests, each summed
+        log-likelihood returned with its continuation's token count (the results come back in request order)."""
+        out = super()._loglikelihood_tokens(requests, **kwargs)
+        return [(TokenLogLik(ll, len(cont)), greedy) for (ll, greedy), (_, _, cont) in zip(out, requests)]
 
     def tok_batch_encode(self, strings: list[str], padding_side: str = "left", left_truncate_len: int | None = None,
                          truncation: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

@@ -66,7 +66,7 @@ def make_batch(tokenizer, records: list[dict], objective: str, device: torch.dev
     truncated keeping BOS, scored on its candidate tokens. ``share_prompt``: one sequence for an example
     whose candidates differ only in their last token (the others keep one sequence per candidate).
     ``generation`` (default: records without candidates): the length budget keeps MAX_NEW_TOKENS free."""
-    from dlzo.tokens import adds_bos, encode_candidate, generation_max_len
+    from dlzo.tokens import adds_bos, encode_candidates, generation_max_len
 
     keep_bos = adds_bos(tokenizer)
     seqs, n_cands, labels, keys = [], [], [], []
@@ -86,7 +86,7 @@ def make_batch(tokenizer, records: list[dict], objective: str, device: torch.dev
             raise DLZOError(f"unknown objective {objective!r}: expected 'candidates' or 'lm'")
         gen = rec.get("candidates") is None if generation is None else generation
         limit = generation_max_len(max_len) if gen else max_len
-        encs = [encode_candidate(tokenizer, rec["prompt"], t, limit, keep_bos, where) for t in texts]
+        encs = encode_candidates(tokenizer, rec["prompt"], texts, limit, keep_bos, where)
         if share_prompt and _shares_prompt(encs):
             ids = encs[0].ids[:-1]  # the prompt and the candidates' shared tokens
             keys.append((rec.get("id"), "prompt"))

@@ -102,13 +102,13 @@ def sensitivity(model, batches: list, k: int = 8, eps: float = 1e-3, seed: int =
             for b in batches:
                 b.memo.clear()
         g = [r["g"] for r in samples]
-        # progress in the job's log: a 7B model's profile runs for a long time before its JSON appears
-        spread = float(torch.tensor(g).std(unbiased=False))
-        print(f"sensitivity: layer {i} ({len(out_layers) + 1}/{len(layers)}), {len(samples)} draws x batches, "
-              f"std(g) {spread:.4g}, {time.time() - started:.0f} s so far", file=sys.stderr, flush=True)
         out_layers.append({"index": i, "n_params": sum(p.numel() for p in opt.tensors()), "g": _spread(g),
                            "abs_diff": _spread([abs(r["loss_plus"] - r["loss_minus"]) for r in samples]),
                            "samples": samples})
+        # progress in the job's log: a 7B model's profile runs for a long time before its JSON appears
+        print(f"sensitivity: layer {i} ({len(out_layers)}/{len(layers)}), {len(samples)} draws x batches, "
+              f"std(g) {out_layers[-1]['g']['std']:.4g}, {time.time() - started:.0f} s so far",
+              file=sys.stderr, flush=True)
     top = max(out_layers, key=lambda L: L["g"]["std"])
     return {"num_layers": n, "k": k, "eps": eps, "seed": seed, "z_seeds": [step_seed(seed, j) for j in range(k)],
             "prefix_cache": "batch" if used_prefix == {"batch"} else ("off" if used_prefix == {"off"} else "mixed"),

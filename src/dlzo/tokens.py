@@ -4,7 +4,7 @@ The one rule both stages use (``objectives.make_batch`` for training, ``harness.
 for evaluation), as MeZO's ``large_models/utils.py`` (``encode_prompt``) computes it:
 
 * A candidate's sequence is ``tok(prompt + candidate)``, encoded whole with the tokenizer's own special
-  tokens (LLaMA-2 and SmolLM2... whatever BOS rule the tokenizer has; Qwen3 adds none).
+  tokens (its BOS rule: LLaMA-2 adds ``<s>``; Qwen3 and SmolLM2 add none).
 * Its scored tokens are the last ``len(tok(prompt + candidate)) - len(tok(prompt))`` of that sequence.
   A prompt's final newline therefore stays in the input and is not scored, whatever the tokenizer does
   with it: Qwen3 merges ``?\\n`` into one token ``?Ċ`` (fed, not scored); LLaMA-2 keeps ``<0x0A>`` as a
@@ -32,10 +32,6 @@ class Encoded:
     ids: list[int]      # what the model is fed (after truncation)
     n_scored: int       # the last n_scored of ids are the candidate's scored tokens
     n_whole: int        # length before truncation
-
-    @property
-    def truncated(self) -> bool:
-        return len(self.ids) < self.n_whole
 
     @property
     def context(self) -> list[int]:
@@ -75,41 +71,45 @@ def generation_max_len(max_len: int | None) -> int | None:
     return max_len - MAX_NEW_TOKENS
 
 
+def encode_candidates(tokenizer, prompt: str, candidates: list[str], max_len: int | None = None,
+                      keep_bos: bool | None = None, where: str = "") -> list[Encoded]:
+    """Each candidate's ``tok(prompt + candidate)`` and scored length, truncated as MeZO does (the module
+    doc); the prompt is tokenized once for all of them."""
+    n_prompt = len(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+    keep = adds_bos(tokenizer) if keep_bos is None else keep_bos
+    out = []
+    for candidate in candidates:
+        whole = tokenizer(prompt + candidate, add_special_tokens=True)["input_ids"]
+        n = len(whole) - n_prompt
+        if n < 1:
+            raise DLZOError(f"{where or 'record'}: candidate {candidate!r} adds no token to its prompt under this "
+                            f"tokenizer (len(tok(prompt + candidate)) - len(tok(prompt)) = {n})")
+        ids = truncate(whole, max_len, keep)
+        if n > len(ids) - int(keep):
+            raise DLZOError(f"{where or 'record'}: candidate {candidate!r} has {n} tokens, more than max_len "
+                            f"{max_len} leaves after truncation")
+        out.append(Encoded(ids, n, len(whole)))
+    return out
+
+
 def encode_candidate(tokenizer, prompt: str, candidate: str, max_len: int | None = None,
                      keep_bos: bool | None = None, where: str = "") -> Encoded:
-    """``tok(prompt + candidate)`` and its scored length, truncated as MeZO does (see the module doc)."""
-    whole = tokenizer(prompt + candidate, add_special_tokens=True)["input_ids"]
-    n = len(whole) - len(tokenizer(prompt, add_special_tokens=True)["input_ids"])
-    if n < 1:
-        raise DLZOError(f"{where or 'record'}: candidate {candidate!r} adds no token to its prompt under this "
-                        f"tokenizer (len(tok(prompt + candidate)) - len(tok(prompt)) = {n})")
-    keep = adds_bos(tokenizer) if keep_bos is None else keep_bos
-    ids = truncate(whole, max_len, keep)
-    if n > len(ids) - int(keep):
-        raise DLZOError(f"{where or 'record'}: candidate {candidate!r} has {n} tokens, more than max_len "
-                        f"{max_len} leaves after truncation")
-    return Encoded(ids, n, len(whole))
+    """One candidate's encoding (``encode_candidates``)."""
+    return encode_candidates(tokenizer, prompt, [candidate], max_len, keep_bos, where)[0]
 
 
-def encode_prompt(tokenizer, prompt: str, max_len: int | None = None, keep_bos: bool | None = None) -> list[int]:
-    """A generation prompt's tokens: ``tok(prompt)``, truncated as MeZO does."""
-    keep = adds_bos(tokenizer) if keep_bos is None else keep_bos
-    return truncate(tokenizer(prompt, add_special_tokens=True)["input_ids"], max_len, keep)
+def count_truncated(tokenizer, records: list[dict], max_len: int | None) -> dict:
+    """How many records ``max_len`` truncates (any candidate's sequence, or a generation prompt with the
+    gold answer trained on after it) and the longest sequence."""
+    from dlzo.tasks import gold_continuation
 
-
-def count_truncated(tokenizer, records: list[dict], max_len: int | None, continuation) -> dict:
-    """How many records ``max_len`` truncates (any candidate's sequence, or a generation prompt) and the
-    longest sequence; ``continuation(record)`` is the text trained on after a generation prompt."""
     keep = adds_bos(tokenizer)
     n, longest = 0, 0
     for rec in records:
-        if rec.get("candidates") is not None:
-            lengths = [encode_candidate(tokenizer, rec["prompt"], c, None, keep, rec.get("id")).n_whole
-                       for c in rec["candidates"]]
-            limit = max_len
-        else:  # generation: the prompt at test time, prompt + gold answer in training
-            lengths = [encode_candidate(tokenizer, rec["prompt"], continuation(rec), None, keep, rec.get("id")).n_whole]
-            limit = generation_max_len(max_len)
+        gen = rec.get("candidates") is None  # generation: prompt + gold answer in training
+        texts = [gold_continuation(rec)] if gen else rec["candidates"]
+        lengths = [e.n_whole for e in encode_candidates(tokenizer, rec["prompt"], texts, None, keep, rec.get("id"))]
+        limit = generation_max_len(max_len) if gen else max_len
         longest = max(longest, *lengths)
         n += bool(limit) and max(lengths) > limit
     return {"truncated": n, "of": len(records), "longest": longest}

@@ -340,7 +340,7 @@ def fit(run: Run, stepper) -> dict:
     signal; then the outputs. What a step is, how a run resumes and what a checkpoint saves is ``stepper``'s."""
     s = run.spec
     start, dev_curve, best = stepper.resume()  # dev_curve starts with step 0, the untrained model's
-    recovered = start + len(getattr(stepper, "pending", ()))  # steps the interrupted run had saved
+    recovered = start + len(stepper.pending)  # steps the interrupted run had saved
     prefix = run.prefix()
     stop, step_times = _Stop(), []
     bar = tqdm(range(start, s.steps), desc=f"{s.task} {s.method.name} seed {s.seed}", initial=start, total=s.steps,
@@ -566,6 +566,7 @@ class FOStepper:
         self.header = s.header(run.n_params)
         self.header["header"]["optimizer"] = "adamw"  # after the hash: runs from before it still resume
         self.state_path, self.best_path = run.out / "fo_state.partial.pt", run.out / "best.partial.safetensors"
+        self.pending = {}  # a first-order run resumes from its saved state only: no recorded steps to re-apply
         self.records, self.timing = [], {"forward_s": 0.0, "backward_s": 0.0, "update_s": 0.0}
 
     def resume(self) -> tuple[int, list, dict]:
@@ -591,8 +592,8 @@ class FOStepper:
                               step, lambda: _now(run.device), self.timing)
         return {"step": step, "loss": value, "lr": self.opt.param_groups[0]["lr"], "grad_norm": norm}
 
-    def recorded(self, step: int) -> bool:  # a first-order run resumes from its saved state only
-        return False
+    def recorded(self, step: int) -> bool:
+        return step in self.pending
 
     def record(self, rec: dict) -> None:
         self.records.append(rec)

@@ -6,9 +6,11 @@ its best checkpoint and evaluation's replay) and ``load_tuned_model`` (the base 
 best checkpoint applied). Its command line writes a tuned run as a Hugging Face model folder that any tool
 reads (LoRA merged into the weights), which is how a tuned number is rechecked outside the pipeline:
 
-    python -m dlzo.tuning export --model <base model dir> --run <run dir> --out <folder> [--replay] Apart from ``dlzo.models`` so that the stages that only read a model (the probe,
-the data and download stages) do not depend on the optimizer: an edit here or in ``dlzo.zo`` reruns training
-and evaluation, never the probe.
+    python -m dlzo.tuning export --model <base model dir> --run <run dir> --out <folder> [--replay]
+
+Apart from ``dlzo.models`` so that the stages that only read a model (the probe, the data and download
+stages) do not depend on the optimizer: an edit here or in ``dlzo.zo`` reruns training and evaluation, never
+the probe.
 """
 from __future__ import annotations
 
