@@ -9,7 +9,7 @@ CORES  ?= 2
 SNAKEMAKE := $(BIN)/snakemake --workflow-profile none --cores $(CORES)
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup demo report reference study study-reference study-sst2-sweep study-sst2-sweep-reference tiny test test-fast tokenizers lint dag paper-dry-run
+.PHONY: budget setup demo report reference study study-reference study-sst2-sweep study-sst2-sweep-reference tiny test test-fast tokenizers lint dag paper-dry-run
 
 setup: $(STAMP)
 
@@ -98,6 +98,12 @@ study-sst2-sweep-reference: study-sst2-sweep
 	   results/study-sst2-sweep/probe/smollm2-135m/sensitivity_profile.png \
 	   results/study-sst2-sweep/probe/smollm2-135m/gradnorm.json $(STUDY_REF)/sst2-sweep/
 
+# the plan's budget before anyone submits (config.yaml; BUDGET_ARGS="--configfile <yours>" for another): jobs per
+# rule, GPU-hours requested and expected, disk per output kind, each rule's sbatch flags (dlzo.cluster)
+# Torch-free: it runs in the login node's venv too (requirements-head.txt; `python` is .venv's when there is one)
+budget:
+	PYTHONPATH=src python -m dlzo.cluster budget -- $(BUDGET_ARGS)
+
 tiny: setup
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(SNAKEMAKE) --configfile workflow/configs/tiny.yaml
 
@@ -124,3 +130,14 @@ paper-dry-run: setup
 
 dag: setup
 	$(BIN)/snakemake --rulegraph --workflow-profile none | dot -Tpng > results/rulegraph.png
+
+# the per-rule conda envs, envs/<name>.yaml, generated from envs/sources.yaml with every package pinned
+# (requirements.txt's versions); CUDA=cu128 picks torch's CUDA line in the GPU envs (default: envs/pin.py)
+.PHONY: envs env-check
+envs: setup
+	$(BIN)/python envs/pin.py $(if $(CUDA),--cuda $(CUDA))
+
+# every rule of the tiny DAG run in the env its rule names (Snakemake's conda deployment, a stand-in `conda`
+# that builds each env with exactly its file's packages: tests/conda_standin.py); ~1 min, after `make test` in CI
+env-check: setup
+	DLZO_ENV_CHECK=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q -s -ra tests/test_envs.py -k every_rule_runs_in

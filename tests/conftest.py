@@ -85,6 +85,7 @@ LONGEST_FIRST = [
     "test_workflow.py::test_tiny_dag_results_carry_their_provenance",
     "test_workflow.py::test_minimal_reruns",
     "test_workflow_slurm.py::test_tiny_dag_through_the_slurm_executor_plugin",
+    "test_interrupt.py::test_interrupted_job_finishes_identically",
     "test_bench.py::test_every_mode_measures",
     "test_train.py::test_sigterm_then_resume_is_bit_identical",
     "test_reference_replay.py::test_replay_rescores_a_committed_run",

@@ -191,11 +191,17 @@ def test_a_gpu_given_but_unusable_is_an_error_not_a_cpu_run(monkeypatch):
     from dlzo.runtime import pick_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for var in ("SLURM_JOB_GPUS", "SLURM_STEP_GPUS", "SLURM_GPUS_ON_NODE"):
+        monkeypatch.delenv(var, raising=False)
     for unset in ("", "-1", "NoDevFiles"):
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", unset)
         assert pick_device("auto").type == "cpu"
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2")
     with pytest.raises(DLZOError, match=r"given a GPU \(CUDA_VISIBLE_DEVICES=2\) but torch .* cannot use CUDA"):
+        pick_device("auto")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    monkeypatch.setenv("SLURM_JOB_GPUS", "3")  # SLURM's allocation, CUDA_VISIBLE_DEVICES left unset
+    with pytest.raises(DLZOError, match=r"given a GPU \(SLURM_JOB_GPUS=3\)"):
         pick_device("auto")
     assert pick_device("cpu").type == "cpu"  # a CPU run on purpose
     with pytest.raises(DLZOError, match="no CUDA GPU"):

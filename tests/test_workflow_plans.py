@@ -1,11 +1,13 @@
 """Dry runs of the workflow: the study configs' plans, what config keys reach, the paper's whole plan, lint,
 and configs that must stop before any job with the key named."""
+import collections
 import re
 
 import pytest
 import yaml
 
 from conftest import REPO
+from dlzo import cluster
 from workflow_support import copy_workflow, planned_jobs, snakemake
 
 
@@ -132,8 +134,25 @@ def test_candidate_scoring_reaches_only_its_tasks_training(workdir, dry_run):
 
 
 def test_paper_config_plans_the_whole_dag_offline(workdir):
-    proc = snakemake(workdir, "-n", "--quiet", "rules")
+    """The paper's plan: its jobs, as the README states them, and what each asks a cluster for (dlzo.cluster)."""
+    proc = snakemake(workdir, "-n")
     jobs = planned_jobs(proc)
+    listed = cluster.parse_dry_run(proc.stdout + proc.stderr)
+    assert collections.Counter(j["rule"] for j in listed) == jobs  # `make budget` reads every job
+    res = collections.defaultdict(list)
+    for job in listed:
+        res[job["rule"], cluster._family(job)].append(job["resources"])
+    evaluations = [r for (rule, _), rs in res.items() if rule.startswith("evaluate") for r in rs]
+    assert all(r["gpu"] == 1 and 15 <= r["runtime"] <= 60 for r in evaluations)  # minutes, not half a day
+    for (rule, family), rs in res.items():
+        if rule == "zo_train":
+            assert all(r["cpus_per_task"] == 8 and r["expected_min"] < r["runtime"] for r in rs), family
+            # only the first-order full model (~125 GB at 7-8B) asks for the big GPU (config.yaml's cluster.big_gpu)
+            assert all(r.get("gpu_model") == ("h200" if family == "fo-adamw" else None) for r in rs), family
+    mezo = max(r["runtime"] for r in res["zo_train", "mezo-full"])
+    assert 120 < mezo < 12 * 60 and max(r["runtime"] for r in res["zo_train", "fo-layer-1"]) < mezo
+    text = cluster.budget(listed, ["train"])
+    assert "GPU-h requested" in text and "--gpus=h200:1" in text and "first-order runs' tuned tensors" in text
     # per model and task, the lr grid points of mezo-full 4, dominant 4, lora-zo 2, dominant-lora 2, sparse-mezo 4,
     # fo-adamw 3, fo-layer-1 3 (config.yaml's train.hyper), then one sweep run per layer at one lr
     grid = 4 + 4 + 2 + 2 + 4 + 3 + 3

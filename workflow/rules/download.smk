@@ -13,7 +13,7 @@ rule download_model:
     conda:
         "../../envs/models.yaml"
     resources:
-        mem_mb=MODEL_RESOURCES["mem_mb"],
+        **DOWNLOAD_RESOURCES,
     shell:
         "python -m dlzo.download --source '{params.source}' --out {output} "
         "--num-layers {params.num_layers} > {log} 2>&1"

@@ -24,7 +24,7 @@ rule evaluate:
         "../../envs/evaluate.yaml"
     threads: THREADS
     resources:
-        **MODEL_RESOURCES,
+        **gpu_resources("evaluate"),
     shell:
         "python -m dlzo.evaluate --model {input.model} --data $(dirname {input.test}) --task {wildcards.task} "
         "{params.run} --method {wildcards.method} --seed {wildcards.seed} "
@@ -51,7 +51,7 @@ rule evaluate_zero_shot:
         "../../envs/evaluate.yaml"
     threads: THREADS
     resources:
-        **MODEL_RESOURCES,
+        **gpu_resources("evaluate_zero_shot"),
     shell:
         "python -m dlzo.evaluate --model {input.model} --data $(dirname {input.test}) --task {wildcards.task} "
         "--method zero-shot --tasks-dir $(dirname {output})/lm_eval_tasks/zero-shot "
@@ -82,7 +82,7 @@ rule evaluate_calibrated:
         "../../envs/evaluate.yaml"
     threads: THREADS
     resources:
-        **MODEL_RESOURCES,
+        **gpu_resources("evaluate_calibrated"),
     shell:
         "python -m dlzo.evaluate --model {input.model} --data $(dirname {input.test}) --task {wildcards.task} "
         "--method calibrated-zero-shot --calibrate --calibration-l2 {params.l2} "

@@ -19,7 +19,7 @@ rule probe_outliers:
         "../../envs/train.yaml"
     threads: THREADS
     resources:
-        **MODEL_RESOURCES,
+        **gpu_resources("probe_outliers"),
     shell:
         "python -m dlzo.probe --model {input.model} --out {output.json} "
         "{params.probe} {params.runtime} > {log} 2>&1"
@@ -47,7 +47,7 @@ rule probe_sensitivity:
         "../../envs/train.yaml"
     threads: THREADS
     resources:
-        **MODEL_RESOURCES,
+        **gpu_resources("probe_sensitivity"),
     shell:
         "python -m dlzo.profiles sensitivity --model {input.model} --data {input.train} --task {params.task} "
         "--probe {input.probe} --out {output.json} {params.args} {params.runtime} > {log} 2>&1"
@@ -74,7 +74,7 @@ rule probe_gradnorm:
         "../../envs/train.yaml"
     threads: THREADS
     resources:
-        **MODEL_RESOURCES,
+        **gpu_resources("probe_gradnorm"),
     shell:
         "python -m dlzo.profiles gradnorm --model {input.model} --data {input.train} --task {params.task} "
         "--probe {input.probe} --out {output.json} {params.args} {params.runtime} > {log} 2>&1"

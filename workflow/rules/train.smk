@@ -27,7 +27,7 @@ rule zo_train:
         "../../envs/train.yaml"
     threads: THREADS
     resources:
-        **MODEL_RESOURCES,
+        **gpu_resources("zo_train"),
     shell:
         "python -m dlzo.train --model {input.model} --model-name {wildcards.model} "
         "--data $(dirname {input.train}) --task {wildcards.task} --method {params.method} "
