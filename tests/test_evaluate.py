@@ -236,7 +236,7 @@ def test_main_writes_result(tiny, tmp_path, monkeypatch):
     # --run goes through dlzo.tuning.load_tuned_model (stubbed here: the base model, call recorded)
     calls = []
 
-    def load_tuned_model(model_dir, run_dir, device, dtype, replay=False):
+    def load_tuned_model(model_dir, run_dir, device, dtype, replay=False, merge=True):
         calls.append(run_dir)
         return load_model(model_dir, device, dtype)
 
@@ -315,10 +315,12 @@ def test_calibrate_refuses_generation_tasks_and_missing_splits(tiny, tmp_path):
         calibrate(model, tok, "squad", g, tmp_path / "tasks")
 
 
-@pytest.mark.parametrize("method", ["lora-zo", "layer-1"])
-def test_tuned_number_rechecked_outside_with_the_recorded_command(tmp_path, tiny_model, sst2_data, method):
-    """A tuned run's result records the command that reproduces it outside the pipeline: the run exported as a
-    model folder (LoRA merged), then lm-eval on it; run as a user would, it gives the same numbers."""
+@pytest.mark.parametrize("method, replay", [("lora-zo", False), ("lora-zo", True), ("layer-1", False)])
+def test_tuned_number_rechecked_outside_with_the_recorded_command(tmp_path, tiny_model, sst2_data, method, replay):
+    """A tuned run's result records the command that reproduces it outside the pipeline: for a LoRA run, lm-eval
+    on the base model with the run's peft adapter folder (``peft=``; evaluated by replay, the adapter is first
+    written by ``dlzo.tuning export --adapter --replay``); for another run, the run exported as a model folder,
+    then lm-eval on that. Run as a user would, it gives the same numbers."""
     from dlzo.train import main as train
 
     run = tmp_path / "run"
@@ -327,10 +329,18 @@ def test_tuned_number_rechecked_outside_with_the_recorded_command(tmp_path, tiny
                   "--lr", "1e-1", "--threads", "1"]) == 0
     out = tmp_path / "res.json"
     main(["--model", str(tiny_model), "--data", str(sst2_data), "--task", "sst2", "--run", str(run), "--out", str(out),
-          "--batch-size", "2", "--device", "cpu", "--threads", "1", "--method", method])
+          "--batch-size", "2", "--device", "cpu", "--threads", "1", "--method", method] + (["--replay"] if replay else []))
     res = json.loads(out.read_text())
     cmd = res["lm_eval_cli"]
-    assert cmd.startswith("python -m dlzo.tuning export ") and " && python -m dlzo.harness --model dlzo-hf " in cmd
+    tuned = Path(res["tasks_dir"]).resolve() / ("tuned_adapter" if method == "lora-zo" else "tuned_model")
+    harness = "python -m dlzo.harness --model dlzo-hf --model_args pretrained="
+    if method == "lora-zo" and not replay:
+        assert cmd.startswith(f"{harness}{tiny_model.resolve()},peft={(run / 'adapter').resolve()},")
+    elif method == "lora-zo":
+        assert cmd.startswith("python -m dlzo.tuning export ") and " --adapter --replay && " in cmd
+        assert f" && {harness}{tiny_model.resolve()},peft={tuned}," in cmd
+    else:
+        assert cmd.startswith("python -m dlzo.tuning export ") and f" && {harness}{tuned}," in cmd
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
            "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
     proc = subprocess.run(["bash", "-c", cmd + f" --output_path {tmp_path / 'cli'}"], capture_output=True, text=True,
@@ -340,5 +350,6 @@ def test_tuned_number_rechecked_outside_with_the_recorded_command(tmp_path, tiny
     cli = json.loads(open(path).read())["results"]["dlzo_sst2"]
     for metric in ("acc_per_token", "acc", "acc_norm"):
         assert cli[f"{metric},none"] == res["metrics"][metric], metric
-    exported = json.loads((Path(res["tasks_dir"]) / "tuned_model" / "dlzo_export.json").read_text())
-    assert exported["run"] == str(run) and exported["method"] == method
+    if method != "lora-zo":
+        exported = json.loads((tuned / "dlzo_export.json").read_text())
+        assert exported["run"] == str(run) and exported["method"] == method

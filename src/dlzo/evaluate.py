@@ -184,26 +184,34 @@ def _flatten(task_result: dict) -> dict:
 
 
 def cli_command(model_dir, tasks_dir, name, batch_size, dtype="float32", device="cpu", limit=None,
-                max_len: int = MAX_LEN) -> str:
+                max_len: int = MAX_LEN, peft=None) -> str:
     """The lm-eval command (lm-eval's CLI with the dlzo-hf class) that reproduces an evaluation of a saved
-    model folder."""
+    model folder, with the peft adapter folder ``peft`` on it if given."""
     soft = ",softmax_dtype=float32" if dtype in ("float16", "bfloat16") else ""  # as evaluate() does
-    cmd = (f"python -m dlzo.harness --model dlzo-hf --model_args pretrained={Path(model_dir).resolve()},"
+    adapter = f",peft={Path(peft).resolve()}" if peft else ""
+    cmd = (f"python -m dlzo.harness --model dlzo-hf --model_args pretrained={Path(model_dir).resolve()}{adapter},"
            f"dtype={dtype}{soft},max_length={max_len} --include_path {Path(tasks_dir).resolve()} --tasks {name} "
            f"--batch_size {batch_size} --device {device}")
     return cmd + (f" --limit {limit}" if limit else "")
 
 
 def recheck_command(model_dir, run_dir, replay: bool, tasks_dir, name, batch_size, dtype, device, limit=None,
-                    max_len: int = MAX_LEN) -> str:
-    """The command that reproduces a result outside the pipeline: lm-eval on the base model folder, or, for a
+                    max_len: int = MAX_LEN, lora: bool = False) -> str:
+    """The command that reproduces a result outside the pipeline: lm-eval on the base model folder; for a LoRA
+    run (``lora``) lm-eval on the base model with the run's peft adapter folder (``peft=<run>/adapter``; a run
+    without one, or ``replay``, first writes it with ``python -m dlzo.tuning export --adapter``); for any other
     tuned run, the run exported as a model folder (``python -m dlzo.tuning export``) and lm-eval on that."""
+    args = (tasks_dir, name, batch_size, dtype, device, limit, max_len)
     if not run_dir:
-        return cli_command(model_dir, tasks_dir, name, batch_size, dtype, device, limit, max_len)
-    folder = Path(tasks_dir).resolve() / "tuned_model"
+        return cli_command(model_dir, *args)
+    saved = Path(run_dir) / "adapter"
+    if lora and not replay and (saved / "adapter_config.json").exists():
+        return cli_command(model_dir, *args, peft=saved)
+    folder = Path(tasks_dir).resolve() / ("tuned_adapter" if lora else "tuned_model")
     export = (f"python -m dlzo.tuning export --model {Path(model_dir).resolve()} --run {Path(run_dir).resolve()} "
-              f"--out {folder} --device {device} --dtype {dtype}" + (" --replay" if replay else ""))
-    return export + " && " + cli_command(folder, tasks_dir, name, batch_size, dtype, device, limit, max_len)
+              f"--out {folder} --device {device} --dtype {dtype}" + (" --adapter" if lora else "")
+              + (" --replay" if replay else ""))
+    return export + " && " + (cli_command(model_dir, *args, peft=folder) if lora else cli_command(folder, *args))
 
 
 def _harness_lm(model, tokenizer, batch_size: int, max_len: int):
@@ -424,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.run:
         from dlzo.tuning import load_tuned_model
 
-        model = load_tuned_model(args.model, args.run, device, dtype, replay=args.replay)
+        model = load_tuned_model(args.model, args.run, device, dtype, replay=args.replay, merge=False)
     else:
         model = load_model(args.model, device, dtype)
     if args.calibrate:
@@ -441,10 +449,11 @@ def main(argv: list[str] | None = None) -> int:
         method=args.method or ("calibrated-zero-shot" if args.calibrate else "zero-shot" if not args.run else None),
         seed=args.seed,
         protocol=meta.get("protocol"),
-        # outside the pipeline: a tuned run is first written as a model folder (dlzo.tuning export)
+        # outside the pipeline: a LoRA run as its peft adapter on the base model, another tuned run first written
+        # as a model folder (dlzo.tuning export)
         lm_eval_cli=recheck_command(args.model, args.run, args.replay, tasks_dir, result["lm_eval_task"],
                                     args.batch_size, str(dtype).replace("torch.", ""), str(device), args.limit,
-                                    args.max_len),
+                                    args.max_len, lora=hasattr(model, "peft_config")),
         provenance=provenance(device, dtype, started, config=vars(args)))
     write_json(out, result)
     return 0

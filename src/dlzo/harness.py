@@ -11,6 +11,9 @@ default context/continuation split, registered with lm-eval as ``dlzo-hf``:
   tokens) that also carries ``n_tokens``, so the task's ``process_results`` (dlzo.evaluate) can report
   MeZO's metric, the argmax of the MEAN token log-probability (``acc_per_token``), beside ``acc`` and
   ``acc_norm``.
+* ``peft=<adapter folder>`` (a LoRA run's ``adapter/``) is loaded by peft onto the model as it is, without
+  lm-eval's resize of the embeddings to the tokenizer's length (which changes a model whose ``vocab_size``
+  pads its tokenizer's, as Qwen3's does; the adapters add no tokens).
 
 lm-eval's own CLI cannot import a model class from outside lm-eval, so the same CLI runs with the
 class registered:
@@ -52,6 +55,14 @@ class MeZOHFLM(HFLM):
     def __init__(self, *args, max_length: int | None = MAX_LEN, **kwargs):
         super().__init__(*args, max_length=int(max_length) if max_length else MAX_LEN, **kwargs)
         self._keep_bos = adds_bos(self.tokenizer)
+
+    def _create_model(self, *args, peft: str | None = None, **kwargs) -> None:
+        """lm-eval's, then a ``peft`` adapter folder loaded onto the model with ``PeftModel.from_pretrained``."""
+        super()._create_model(*args, **kwargs)
+        if peft:
+            from peft import PeftModel
+
+            self._model = PeftModel.from_pretrained(self._model, peft)
 
     def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         enc = encode_candidate(self.tokenizer, context, continuation, self.max_length, self._keep_bos)

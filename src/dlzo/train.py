@@ -17,6 +17,7 @@ Outputs in ``--out`` (a run folder):
   trajectory.jsonl   header line, then one line per step. ZO: (seed, g, lr, losses), and replaying it
                      on the base model rebuilds the tuned weights exactly. FO: (loss, lr, grad norm), a record.
   tuned.safetensors  the tuned tensors at the checkpoint with the lowest dev loss
+  adapter/           LoRA runs (saved tensors): the same tensors as a standard peft adapter folder
   log.json           curves, timing (s/step split into forward, perturbation or backward, update), the
                      chosen checkpoint, config, provenance, and memory: ``peak_memory_mb`` (training) and
                      ``inference_peak_mb`` (inference on the same model and first batch)
@@ -25,12 +26,19 @@ this process before anything of training exists: the model loaded, one no-grad f
 training batch (CPU peak RSS only grows, so it must come first; on GPU the peak is reset after it).
 ``peak_memory_mb`` is taken when the training loop ends, before the best checkpoint is rebuilt or saved.
 
-Resume: ZO runs grow ``trajectory.partial.jsonl`` (and the dev curve in ``log.partial.json``); a rerun
-after an interruption (preemption, SIGTERM) replays it and continues. FO runs, on SIGTERM/SIGINT, finish
-the step and save weights and AdamW state to ``fo_state.partial.pt`` (the best checkpoint so far is in
-``best.partial.safetensors``); a rerun loads them and continues. Either way the result is bit-identical
-to an uninterrupted run on CPU, and a signal ends the process with 128 + its number. An FO run killed
-without a signal (SIGKILL, out of memory) starts over.
+Resume: ZO runs grow ``trajectory.partial.jsonl`` (one line per step, as it is taken) and the dev curve in
+``log.partial.json``; a rerun after an interruption (preemption, SIGTERM, even SIGKILL) replays the saved
+steps, none recomputed, and continues. FO runs, on SIGTERM/SIGINT, finish the step and save weights and
+AdamW state to ``fo_state.partial.pt`` (the best checkpoint so far is in ``best.partial.safetensors``); a
+rerun loads them and continues. Either way the result is bit-identical to an uninterrupted run on CPU. A
+signal during the training loop ends the process with 128 + its number once the step is saved; before
+the loop (the model loading, the saved steps replaying) its default action ends the process at once; after
+the last dev checkpoint, the outputs are written and the run ends normally. An FO run killed without a
+signal (SIGKILL, out of memory) starts over, or from the ``fo_state.partial.pt`` of an earlier signal.
+Every file is written aside and renamed into place (``dlzo.io.atomic_path``), so a file that exists is
+complete; a rerun removes the temporary files of a write cut by a kill. The outputs are written in the
+order tuned.safetensors (adapter/), trajectory.jsonl, log.json, and only then are the partial files removed:
+a run killed while it writes them is resumed by its rerun like any other.
 """
 from __future__ import annotations
 
@@ -40,7 +48,7 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
+import shutil
 import signal
 import sys
 import time
@@ -52,9 +60,9 @@ from tqdm import tqdm
 
 from dlzo import DLZOError
 from dlzo.io import atomic_path, read_json, read_jsonl, write_json
-from dlzo.methods import Method, parse_method, resolve_layer
+from dlzo.methods import SAVE_TENSORS_UP_TO, Method, parse_method, resolve_layer
 from dlzo.models import load_tokenizer
-from dlzo.tuning import LORA_TARGETS, amp_context, build, weights_dtype, zo_optimizer
+from dlzo.tuning import LORA_TARGETS, amp_context, build, save_adapter, weights_dtype, zo_optimizer
 from dlzo.objectives import FrozenPrefix, batch_indices, make_batch, measure_inference, paired_loss
 from dlzo.objectives import loss as objective_loss
 from dlzo.runtime import add_runtime_args, peak_memory_mb, pick_device, provenance, set_threads
@@ -235,6 +243,8 @@ class Run:
         self.inference_peak_mb = measure_inference(self.model, self.batch(0), device, self.amp)
         self.out = Path(spec.out)
         self.out.mkdir(parents=True, exist_ok=True)
+        for tmp in self.out.glob(".*.part"):  # a write cut by a kill (dlzo.io.atomic_path/atomic_dir): no result
+            shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink(missing_ok=True)
         self.dev_eval = dev_rows[: spec.dev_eval_size] if spec.dev_eval_size else dev_rows
 
     def build(self, spec: RunSpec | None = None):
@@ -477,8 +487,8 @@ class ZOStepper:
         start = min(dev_curve[-1]["step"], len(done))
         self.opt.replay(done[:start])
         self.pending = {start + i: rec for i, rec in enumerate(done[start:])}
-        with open(self.partial, "w") as fh:  # rewrite: drops a cut last line, keeps every good step
-            fh.writelines(json.dumps(r) + "\n" for r in [self.header, *done])
+        with atomic_path(self.partial) as tmp:  # rewrite: drops a cut last line, keeps every good step (a kill
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in [self.header, *done]))  # meanwhile loses none)
         self.fh = open(self.partial, "a")
         return start, dev_curve, best
 
@@ -518,14 +528,14 @@ class ZOStepper:
         return f"trajectory saved in {self.partial}"
 
     def finalize(self, best: dict) -> tuple[list, dict, int]:
-        """Save tuned.safetensors (the best checkpoint, rebuilt by replay when it is not the last state);
-        (trajectory, hyper, tuned parameter count)."""
+        """Save tuned.safetensors (the best checkpoint, rebuilt by replay when it is not the last state), for LoRA
+        also as adapter/; (trajectory, hyper, tuned parameter count)."""
         s, run = self.spec, self.run
         self.fh.close()
         traj = [json.loads(x) for x in self.partial.read_text().splitlines()]
         mode = s.save_tuned
         if mode == "auto":  # a 7B model's every weight is 13 GB per run: replay its trajectory instead
-            mode = "tensors" if run.n_params <= 5e8 else "replay"
+            mode = "tensors" if run.n_params <= SAVE_TENSORS_UP_TO else "replay"
         tensors = {}
         if mode == "tensors":
             named = run.named
@@ -534,6 +544,10 @@ class ZOStepper:
                 self._optimizer(named).replay(traj[1:best["step"] + 1])
             tensors = _tensors(named)
         save_tuned(run.out / "tuned.safetensors", tensors, s.method.name, best["step"], replay=mode == "replay")
+        if tensors and s.method.is_lora:  # the same tensors as a standard peft adapter folder
+            save_adapter(run.model, run.out / "adapter", tensors)
+        elif (run.out / "adapter").exists():  # an earlier run's, saved in another mode: not this run's weights
+            shutil.rmtree(run.out / "adapter")
         hyper = {"steps": s.steps, "lr": s.lr, "eps": s.eps, "weight_decay": s.weight_decay, "batch_size": s.bs,
                  "max_len": s.max_len, "restore": s.restore, "prefix_cache": s.prefix_cache,
                  "paired_suffix": s.paired_suffix, "scoring": s.scoring}
@@ -547,8 +561,10 @@ class ZOStepper:
         return traj, hyper, tuned
 
     def cleanup(self) -> None:
-        self.partial.unlink(missing_ok=True)
+        # the dev curve first: killed in between, the rerun still replays the steps (and re-evaluates their
+        # checkpoints) instead of training from scratch
         self.log_path.unlink(missing_ok=True)
+        self.partial.unlink(missing_ok=True)
 
 
 class FOStepper:
@@ -574,14 +590,17 @@ class FOStepper:
         dev_curve, best, start = [], {"step": 0, "dev_loss": math.inf}, 0
         if self.state_path.exists():
             st = torch.load(self.state_path, map_location=self.run.device, weights_only=True)
-            if st.get("config_hash") == self.header["config_hash"] and (self.best_path.exists() or not st["best"]["step"]):
+            if st.get("config_hash") != self.header["config_hash"]:
+                print(f"zo_train: {self.state_path} belongs to another config; starting over", file=sys.stderr)
+            elif st["best"]["step"] and not self.best_path.exists():
+                print(f"zo_train: {self.state_path} has no best checkpoint beside it ({self.best_path.name}); "
+                      f"starting over", file=sys.stderr)
+            else:
                 with torch.no_grad():
                     for n, p in self.run.named:
                         p.copy_(st["params"][n])
                 self.opt.load_state_dict(st["opt"])
                 self.records, dev_curve, best, start = st["records"], st["dev_curve"], st["best"], st["step"]
-            else:
-                print(f"zo_train: {self.state_path} belongs to another config; starting over", file=sys.stderr)
         if not dev_curve:
             dev_curve.append({"step": 0, "dev_loss": self.run.initial_dev_loss()})
         return start, dev_curve, best
@@ -612,7 +631,9 @@ class FOStepper:
     def finalize(self, best: dict) -> tuple[list, dict, int]:
         """tuned.safetensors is the best checkpoint saved during the run; (trajectory, hyper, tuned parameter count)."""
         s = self.spec
-        os.replace(self.best_path, self.run.out / "tuned.safetensors")
+        # copied, not moved: killed before cleanup, a run resumed from fo_state still has its best checkpoint
+        with atomic_path(self.run.out / "tuned.safetensors") as tmp:
+            shutil.copyfile(self.best_path, tmp)
         hyper = {"optimizer": "adamw", "steps": s.steps, "epochs": s.epochs, "lr": s.lr,
                  "weight_decay": s.weight_decay, "betas": list(self.opt.defaults["betas"]),
                  "adam_eps": self.opt.defaults["eps"], "max_grad_norm": s.max_grad_norm, "schedule": "constant",
@@ -621,7 +642,8 @@ class FOStepper:
         return [self.header, *self.records], hyper, self.run.n_params
 
     def cleanup(self) -> None:
-        self.state_path.unlink(missing_ok=True)
+        self.state_path.unlink(missing_ok=True)  # first: a best checkpoint alone is never resumed from
+        self.best_path.unlink(missing_ok=True)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -677,7 +699,7 @@ def _parser() -> argparse.ArgumentParser:
                          "checkpoint so far (stop: for grid searches, where a too-large lr is an outcome)")
     ap.add_argument("--save-tuned", default="auto", choices=["auto", "tensors", "replay"],
                     help="tuned.safetensors holds the tuned tensors, or only says to replay the trajectory "
-                         "(auto: replay above 5e8 tuned parameters)")
+                         "(auto: replay above 5e8 tuned parameters, methods.SAVE_TENSORS_UP_TO)")
     add_runtime_args(ap)
     return ap
 
