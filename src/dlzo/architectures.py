@@ -28,10 +28,23 @@ ARCHITECTURES: dict[str, dict] = {
 }
 
 
-def get_architecture(name: str) -> dict:
+def get_architecture(name: str, width_divisor: int = 1) -> dict:
+    """The published architecture ``name``; ``width_divisor`` > 1 scales it down for CPU (the same depth, vocabulary,
+    family and GQA layout; hidden and MLP widths and the head counts divided, heads at least one), e.g. a CPU twin
+    of a 7B rehearsal or benchmark."""
     if name not in ARCHITECTURES:
         raise DLZOError(f"unknown architecture {name!r}; known: {', '.join(ARCHITECTURES)}")
-    return ARCHITECTURES[name]
+    arch = dict(ARCHITECTURES[name])
+    if width_divisor != 1:
+        d = int(width_divisor)
+        if d < 1 or arch["hidden_size"] % d:
+            raise DLZOError(f"architecture {name}: width divisor {width_divisor} must divide its hidden size "
+                            f"{arch['hidden_size']}")
+        heads = max(1, arch["num_attention_heads"] // d)
+        kv = max(1, arch["num_key_value_heads"] * heads // arch["num_attention_heads"])
+        arch.update(hidden_size=arch["hidden_size"] // d, intermediate_size=max(1, arch["intermediate_size"] // d),
+                    num_attention_heads=heads, num_key_value_heads=kv, head_dim=arch["hidden_size"] // d // heads)
+    return arch
 
 
 def layer_params(arch: dict) -> int:

@@ -134,6 +134,20 @@ def byte_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
+def build_random(arch: dict, device="cpu", dtype=torch.float32, seed: int = 0) -> nn.Module:
+    """A model of a published architecture (``dlzo.architectures``: its config.json values) with random weights,
+    built directly on ``device`` in ``dtype``: step time and memory do not depend on weight values, so a 7B
+    shape can be measured or rehearsed without downloading 13 GB."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = {k: v for k, v in arch.items() if k not in ("model_type", "torch_dtype")}
+    config = AutoConfig.for_model(arch["model_type"], **cfg, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
+
+
 def build_tiny(out_dir: str | Path, arch: str = "llama", layers: int = 4, hidden: int = 64,
                outlier_layer: int | None = None, seed: int = 0) -> None:
     """A randomly initialised decoder of the given family, saved like a downloaded model.
