@@ -37,6 +37,7 @@ import subprocess
 import sys
 from collections import defaultdict
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 from dlzo import DLZOError
@@ -44,6 +45,9 @@ from dlzo import methods as M
 from dlzo.architectures import get_architecture, layer_params, lora_params, total_params
 from dlzo.tasks import TASKS
 
+PIPELINE_ORDER = ("download_model", "prepare_data", "probe_outliers", "probe_sensitivity", "probe_gradnorm", "plot_probe",
+                  "plot_sensitivity", "plot_predictors", "zo_train", "select_hyper", "evaluate", "evaluate_zero_shot",
+                  "evaluate_calibrated", "tables")
 GPU_RULES = ("probe_outliers", "probe_sensitivity", "probe_gradnorm", "zo_train", "evaluate",
              "evaluate_zero_shot", "evaluate_calibrated")
 DEFAULTS = dict(tflops=100.0, tbps=1.5, margin=1.5, overhead_min=10, gpu_memory_gb=80, cpus_per_task=8)
@@ -267,41 +271,42 @@ def _family(job: dict) -> str:
 def budget(jobs: list[dict], envs: list[str]) -> str:
     """The plan's jobs per rule, GPU-hours requested and expected, disk per output kind, and the sbatch flags of
     the longest job of each (rule, model, method) for the first model."""
-    rows = defaultdict(lambda: dict(jobs=0, gpu_h=0.0, expected_h=0.0, runtime=[]))
-    disk, examples = defaultdict(float), {}
+    rows = defaultdict(lambda: dict(jobs=0, gpu_h=Fraction(0), expected_h=Fraction(0), runtime=[]))
+    disk, examples = defaultdict(Fraction), {}
     for job in jobs:
         res = job["resources"]
         if job["rule"] == "all":
             continue
         row = rows[job["rule"]]
         row["jobs"] += 1
-        disk[output_kind(job)] += res.get("disk_mb", 0) / 1000
+        disk[output_kind(job)] += Fraction(res.get("disk_mb", 0), 1000)
         if job["local"] or not res.get("gpu"):
             continue
-        row["gpu_h"] += res["gpu"] * res.get("runtime", 0) / 60
-        row["expected_h"] += res["gpu"] * res.get("expected_min", 0) / 60
+        row["gpu_h"] += Fraction(res["gpu"] * res.get("runtime", 0), 60)  # exact: the same total in any job order
+        row["expected_h"] += Fraction(res["gpu"] * res.get("expected_min", 0), 60)
         row["runtime"].append(res.get("runtime", 0))
         key = (job["wildcards"].get("model"), job["rule"], _family(job))
-        if key not in examples or res.get("runtime", 0) > examples[key]["resources"].get("runtime", 0):
-            examples[key] = job
+        rank = (res.get("runtime", 0), sorted(job["wildcards"].items()))  # the longest, ties by name: stable
+        if key not in examples or rank > examples[key][0]:
+            examples[key] = (rank, job)
     lines = ["jobs and GPU time (requested: what SLURM reserves at the first attempt; expected: the sizing model's",
              "estimate, dlzo.cluster)",
              f"  {'rule':<20} {'jobs':>6} {'GPU-h requested':>16} {'GPU-h expected':>15}  runtime per job (min)"]
-    for rule, r in rows.items():
+    for rule, r in sorted(rows.items(), key=lambda kv: PIPELINE_ORDER.index(kv[0]) if kv[0] in PIPELINE_ORDER else 99):
         span = f"{min(r['runtime'])}-{max(r['runtime'])}" if r["runtime"] else "head node"
-        lines.append(f"  {rule:<20} {r['jobs']:>6} {r['gpu_h']:>16,.0f} {r['expected_h']:>15,.0f}  {span}")
+        lines.append(f"  {rule:<20} {r['jobs']:>6} {float(r['gpu_h']):>16,.0f} {float(r['expected_h']):>15,.0f}  {span}")
     total = {k: sum(r[k] for r in rows.values()) for k in ("jobs", "gpu_h", "expected_h")}
-    lines.append(f"  {'total (+ the all target)':<20} {total['jobs']:>6} {total['gpu_h']:>16,.0f} "
-                 f"{total['expected_h']:>15,.0f}")
+    lines.append(f"  {'total (+ the all target)':<20} {total['jobs']:>6} {float(total['gpu_h']):>16,.0f} "
+                 f"{float(total['expected_h']):>15,.0f}")
     lines.append("disk, GB (what the jobs keep; an interrupted first-order run holds 3x its size more until it resumes:")
     lines.append("its fp32 weights and AdamW moments)")
     for kind, gb in sorted(disk.items(), key=lambda kv: -kv[1]):
-        lines.append(f"  {kind:<70} {gb:>9,.0f}")
-    lines.append(f"  {'conda envs: ' + ', '.join(envs) + ' (estimated)':<70} {sum(ENV_GB.get(e, 1) for e in envs):>9,.0f}")
+        lines.append(f"  {kind:<76} {float(gb):>9,.0f}")
+    lines.append(f"  {'conda envs: ' + ', '.join(envs) + ' (estimated)':<76} {sum(ENV_GB.get(e, 1) for e in envs):>9,.0f}")
     first = min((m for m, _, _ in examples if m), default=None)
     lines.append(f"sbatch flags of the longest job of each rule and method, {first} (snakemake-executor-plugin-slurm's")
     lines.append("mapping; plus the profile's slurm_extra, account and partition)")
-    for (model, rule, family), job in sorted(examples.items(), key=lambda kv: (kv[0][1], kv[0][2])):
+    for (model, rule, family), (_, job) in sorted(examples.items(), key=lambda kv: (kv[0][1], kv[0][2])):
         if model == first:
             wc = ",".join(f"{k}={v}" for k, v in job["wildcards"].items() if k != "model")
             lines.append(f"  {rule:<20} {wc:<58} {slurm_flags(job['resources'])}")
