@@ -184,13 +184,20 @@ def test_non_finite_loss_stops():
 
 
 @torch.no_grad()
-def _mezo_trainer_step(named, loss, seed, lr, eps, wd):
+def _mezo_trainer_step(named, loss, seed, lr, eps, wd, masks=None):
     """MeZO's trainer (zo_perturb_parameters / zo_step / zo_update), transcribed op for op: global
-    torch.manual_seed, torch.normal per tensor, out-of-place arithmetic, wd skipped by name."""
+    torch.manual_seed, torch.normal per tensor, out-of-place arithmetic, wd skipped by name. ``masks``
+    ({name: bool mask}): Sparse-MeZO's, z times the mask after each draw (the wd term too)."""
+    masks = masks or {}
+
+    def normal(name, param):
+        z = torch.normal(mean=0, std=1, size=param.data.size(), device=param.data.device, dtype=param.data.dtype)
+        return z * masks[name] if name in masks else z
+
     def perturb(scaling_factor):
         torch.manual_seed(seed)
-        for _, param in named:
-            z = torch.normal(mean=0, std=1, size=param.data.size(), device=param.data.device, dtype=param.data.dtype)
+        for name, param in named:
+            z = normal(name, param)
             param.data = param.data + scaling_factor * z * eps
 
     perturb(1)
@@ -201,9 +208,10 @@ def _mezo_trainer_step(named, loss, seed, lr, eps, wd):
     perturb(1)
     torch.manual_seed(seed)
     for name, param in named:
-        z = torch.normal(mean=0, std=1, size=param.data.size(), device=param.data.device, dtype=param.data.dtype)
+        z = normal(name, param)
         if "bias" not in name and "layer_norm" not in name and "layernorm" not in name and param.ndim > 1:
-            param.data = param.data - lr * (projected_grad * z + wd * param.data)
+            decay = wd * param.data * masks[name] if name in masks and wd else wd * param.data
+            param.data = param.data - lr * (projected_grad * z + decay)
         else:
             param.data = param.data - lr * (projected_grad * z)
     return projected_grad
@@ -276,3 +284,98 @@ def test_masked_replay_rebuilds_weights_bit_identically():
           seed=2, restore="mezo").replay(opt.trajectory)
     for (n, p), q in zip(fresh.named_parameters(), model.parameters()):
         assert torch.equal(p, q), n
+
+
+def test_chunked_draw_is_the_whole_draw():
+    """restore="mezo" draws z chunk by chunk into one buffer (CPU): the values of one whole-tensor draw, bit for
+    bit, and the generator ends where the whole draw leaves it, for every size around the 16-value blocks."""
+    from dlzo.zo import _chunks
+
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        for n in (1, 15, 16, 17, 47, 48, 49, 63, 64, 65, 95, 96, 97, 111, 113, 1000, 4099):
+            gen = torch.Generator().manual_seed(n)
+            whole, after = torch.randn(n, generator=gen, dtype=dtype), torch.randn(17, generator=gen, dtype=dtype)
+            gen = torch.Generator().manual_seed(n)
+            buf, parts = torch.empty(48 + 16, dtype=dtype), []
+            for b, e in _chunks(n, 48):
+                assert e - b >= min(n, 16)
+                parts.append(torch.randn(e - b, generator=gen, dtype=dtype, out=buf[: e - b]).clone())
+            assert torch.equal(torch.cat(parts), whole), (dtype, n)
+            assert torch.equal(torch.randn(17, generator=gen, dtype=dtype), after), (dtype, n)
+
+
+def wide_model(dtype):
+    """quad_model with tensors of many chunks (and remainders under 16) once ZOSGD.chunk is 48."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(37, 29), nn.LayerNorm(29), nn.Linear(29, 3)).to(dtype)
+    x, y = torch.randn(16, 37).to(dtype), torch.randn(16, 3).to(dtype)
+    loss = lambda: float(((model(x).float() - y.float()) ** 2).mean())  # noqa: E731
+    return model, loss
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("wd", [0.0, 0.1])
+@pytest.mark.parametrize("sparsity", [None, 0.6])
+@pytest.mark.parametrize("chunk", [48, 1 << 20])
+def test_mezo_restore_in_place_by_chunks_is_mezo_bit_for_bit(dtype, wd, sparsity, chunk):
+    """The default (restore="mezo") runs MeZO's out-of-place expressions in place, chunk by chunk: the same
+    ops on the same values, so the same bits as MeZO's trainer in every dtype, masked or not, with or
+    without weight decay, over steps whose parameters and losses feed back; replay gives them again."""
+    model_a, loss_a = wide_model(dtype)
+    model_b, loss_b = wide_model(dtype)
+    groups = param_groups(list(model_a.named_parameters()), wd, sparsity)
+    order = [n for g in groups for p in g["params"] for n, q in model_a.named_parameters() if q is p]
+    named_b = [(n, dict(model_b.named_parameters())[n]) for n in order]
+    masks = {}
+    if sparsity is not None:
+        by_id = {id(p): m for g in groups for p, m in zip(g["params"], g["masks"])}
+        masks = {n: by_id[id(q)] for n, q in model_a.named_parameters()}
+    opt = ZOSGD(groups, lr=0.05, eps=1e-2, weight_decay=wd, seed=5, restore="mezo")
+    opt.chunk = chunk
+    for step in range(6):
+        g_ours = opt.step(loss_a)
+        g_ref = _mezo_trainer_step(named_b, loss_b, step_seed(5, step), 0.05, 1e-2, wd, masks)
+        assert g_ours == g_ref, step
+        for (n, a), (_, b) in zip(model_a.named_parameters(), model_b.named_parameters()):
+            assert torch.equal(a.view(torch.int16 if dtype != torch.float32 else torch.int32),
+                               b.view(torch.int16 if dtype != torch.float32 else torch.int32)), (step, n)
+    fresh, _ = wide_model(dtype)
+    again = ZOSGD(param_groups(list(fresh.named_parameters()), wd, sparsity), lr=0.05, eps=1e-2, weight_decay=wd,
+                  seed=5, restore="mezo")
+    again.chunk = 64 if chunk == 48 else chunk
+    again.replay(opt.trajectory)
+    for (n, a), b in zip(fresh.named_parameters(), model_a.parameters()):
+        assert torch.equal(a, b), n
+
+
+def test_kth_magnitude_by_chunks_is_the_partitioned_value():
+    """Sparse-MeZO's threshold without a copy of the tensor: the value partitioning |w| gives, ties and zeros too."""
+    import numpy as np
+
+    from dlzo.zo import _kth_magnitude
+
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(12):
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            n = int(torch.randint(1, 3000, (1,), generator=gen))
+            w = (torch.randn(n, generator=gen) * 10.0 ** float(torch.randint(-6, 3, (1,), generator=gen))).to(dtype)
+            if trial % 3 == 0:
+                w[: n // 3] = w[0]
+            if trial % 4 == 0:
+                w[::7] = 0.0
+            for sparsity in (0.0, 0.5, 0.75, 0.99):
+                k = max(1, math.ceil((1 - sparsity) * n))
+                mag = np.abs(w.to(torch.float32).numpy())
+                mag.partition(k - 1)
+                assert _kth_magnitude(w, k, chunk=48) == float(mag[k - 1]), (trial, dtype, n, sparsity)
+
+
+def test_magnitude_mask_leaves_the_weights_as_they_are():
+    """The mask's threshold is read from |w| chunk by chunk: never written back into an fp32 tensor's weights."""
+    from dlzo.zo import magnitude_mask
+
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        w = torch.randn(5000, generator=torch.Generator().manual_seed(1)).to(dtype)
+        before = w.clone()
+        mask = magnitude_mask(w, 0.6)
+        assert torch.equal(w, before) and int(mask.sum()) >= 2000  # ties at the threshold (bf16) count too

@@ -112,3 +112,64 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
                 raise DLZOError(f"{path}, line {lineno}: expected a JSON object, got {type(row).__name__}")
             rows.append(row)
     return rows
+
+
+# safetensors' dtype names, in the order its writer lays tensors out (largest first: its Dtype enum, descending)
+_ST_DTYPES = ("U64", "I64", "F64", "F32", "U32", "I32", "BF16", "F16", "U16", "I16", "F8_E4M3", "F8_E5M2", "I8", "U8",
+              "BOOL")
+
+
+def _st_dtype(t) -> str:
+    import torch
+
+    names = {torch.uint64: "U64", torch.int64: "I64", torch.float64: "F64", torch.float32: "F32",
+             torch.uint32: "U32", torch.int32: "I32", torch.bfloat16: "BF16", torch.float16: "F16",
+             torch.uint16: "U16", torch.int16: "I16", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+             torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+    if t.dtype not in names:
+        raise DLZOError(f"write_safetensors: no safetensors dtype for {t.dtype}")
+    return names[t.dtype]
+
+
+def write_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.torch.save_file(tensors, path, metadata)``, byte for byte, one tensor at a time.
+
+    save_file turns every tensor into a bytes object before writing (a second copy of everything it saves:
+    the whole model for mezo-full); here each tensor's bytes go from its own memory to the file (a device
+    tensor is copied to the host one at a time). The format: an 8-byte little-endian header length, the JSON
+    header (``__metadata__``, then per tensor its dtype, shape and [begin, end) byte offsets, tensors ordered
+    as safetensors orders them: by dtype, largest first, then by name) padded with spaces to a multiple of 8,
+    then the raw little-endian bytes. Metadata keys are written sorted (safetensors' own order is a hash map's,
+    random per process: equal bytes need one key). Atomic, as every result file."""
+    import struct
+    import sys
+
+    import torch
+
+    if sys.byteorder != "little":
+        raise DLZOError("write_safetensors writes raw little-endian bytes: use safetensors.torch.save_file here")
+    items = []
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor) or t.layout != torch.strided:
+            raise DLZOError(f"write_safetensors: {name} is not a dense tensor")
+        items.append((_ST_DTYPES.index(_st_dtype(t)), name, t))
+    items.sort(key=lambda x: (x[0], x[1].encode()))
+    header: dict = {}
+    if metadata is not None:
+        header["__metadata__"] = {k: str(metadata[k]) for k in sorted(metadata)}
+    offset = 0
+    for _, name, t in items:
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": _st_dtype(t), "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    head = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    head += b" " * (-len(head) % 8)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            fh.write(struct.pack("<Q", len(head)))
+            fh.write(head)
+            for _, _, t in items:
+                if t.numel():
+                    host = t.detach().to("cpu").contiguous()  # no copy for a contiguous host tensor
+                    fh.write(memoryview(host.reshape(-1).view(torch.uint8).numpy()))
+                    del host

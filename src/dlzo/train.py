@@ -443,17 +443,20 @@ def _read_partial(path: Path, config_hash: str) -> list[dict]:
 
 
 def save_tuned(path: Path, tensors: dict, method: str, best_step: int, replay: bool = False) -> None:
-    from safetensors.torch import save_file
+    """tuned.safetensors: the bytes safetensors' save_file writes, streamed one tensor at a time (save_file holds
+    a bytes copy of every tensor: the whole model again, for mezo-full), so writing it costs no memory."""
+    from dlzo.io import write_safetensors
 
     # one metadata key: safetensors writes its metadata map in a random order per process, so three keys
     # gave the same tensors under different file bytes
     info = json.dumps({"method": method, "best_step": best_step, "replay": replay}, sort_keys=True)
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"dlzo": info})
+    write_safetensors(path, tensors, metadata={"dlzo": info})
 
 
-def _tensors(named) -> dict:
-    return {n: p.detach().to("cpu").contiguous() for n, p in named}
+def _tensors(named, host: bool = True) -> dict:
+    """The tuned tensors by name; ``host=False``: as they are (save_tuned copies each to the host as it writes
+    it, instead of a host copy of all of them at once)."""
+    return {n: p.detach().to("cpu").contiguous() if host else p.detach() for n, p in named}
 
 
 class ZOStepper:
@@ -536,13 +539,22 @@ class ZOStepper:
         mode = s.save_tuned
         if mode == "auto":  # a 7B model's every weight is 13 GB per run: replay its trajectory instead
             mode = "tensors" if run.n_params <= SAVE_TENSORS_UP_TO else "replay"
+        tuned = run.n_params
+        if s.masks_at is not None:  # sparse-mezo tunes the weights its masks select
+            tuned = sum(int(m.sum()) for g in self.opt.param_groups for m in g["masks"])
         tensors = {}
         if mode == "tensors":
             named = run.named
             if best["step"] != s.steps:  # the best checkpoint is an earlier state: rebuild it exactly
+                if not s.method.is_lora:  # the final weights are in the trajectory: free them (and the
+                    for _, p in run.named:  # optimizer's masks and buffers) before loading the base model again,
+                        p.data = torch.empty(0, dtype=p.dtype, device=p.device)  # one model in memory, not two
+                    for g in self.opt.param_groups:
+                        g.pop("masks", None)
+                    self.opt._buffers.clear()
                 _, named = run.build()
                 self._optimizer(named).replay(traj[1:best["step"] + 1])
-            tensors = _tensors(named)
+            tensors = _tensors(named, host=s.method.is_lora)  # LoRA's go to save_adapter too: small, on the host
         save_tuned(run.out / "tuned.safetensors", tensors, s.method.name, best["step"], replay=mode == "replay")
         if tensors and s.method.is_lora:  # the same tensors as a standard peft adapter folder
             save_adapter(run.model, run.out / "adapter", tensors)
@@ -555,9 +567,6 @@ class ZOStepper:
             hyper["sparsity"] = s.sparsity
         if self.diverged_at is not None:
             hyper["diverged_at_step"] = self.diverged_at
-        tuned = run.n_params
-        if s.masks_at is not None:  # sparse-mezo tunes the weights its masks select
-            tuned = sum(int(m.sum()) for g in self.opt.param_groups for m in g["masks"])
         return traj, hyper, tuned
 
     def cleanup(self) -> None:
@@ -619,7 +628,7 @@ class FOStepper:
 
     def checkpoint(self, done: int, is_best: bool, dev_curve: list, best: dict) -> None:
         if is_best:
-            save_tuned(self.best_path, _tensors(self.run.named), self.spec.method.name, done)
+            save_tuned(self.best_path, _tensors(self.run.named, host=False), self.spec.method.name, done)
 
     def suspend(self, done: int, dev_curve: list, best: dict) -> str:
         with atomic_path(self.state_path) as tmp:

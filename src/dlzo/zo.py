@@ -48,6 +48,22 @@ import numpy as np
 import torch
 
 NO_DECAY_MARKERS = ("bias", "norm", "layernorm", "layer_norm", "ln_")
+CHUNK = 1 << 20  # restore="mezo": elements per chunk of the in-place arithmetic (a multiple of 16)
+
+
+def _chunks(n: int, chunk: int) -> list[tuple[int, int]]:
+    """[begin, end) spans of ``chunk`` elements over ``n``; a remainder under 16 is folded into the last
+    span (torch's CPU normal sampler draws blocks of 16: see ZOSGD._mezo_pass)."""
+    if chunk % 16:
+        raise ValueError(f"chunk must be a multiple of 16, got {chunk}")
+    spans, b = [], 0
+    while b < n:
+        e = min(n, b + chunk)
+        if n - e < 16:
+            e = n
+        spans.append((b, e))
+        b = e
+    return spans
 
 
 def step_seed(run_seed: int, step: int) -> int:
@@ -64,15 +80,36 @@ def magnitude_mask(p: torch.Tensor, sparsity: float) -> torch.Tensor:
     """
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
-    # the threshold on the host, selected in place: one copy of the tensor at a time (torch.kthvalue would
-    # add a sorted copy and int64 indices, and torch.quantile refuses tensors over 16M elements)
-    mag = np.abs(p.detach().to("cpu", torch.float32).reshape(-1).numpy())
-    k = max(1, math.ceil((1.0 - sparsity) * mag.size))
-    mag.partition(k - 1)
-    h = float(mag[k - 1])  # a value of the tensor itself, so exact in its dtype
-    del mag
+    k = max(1, math.ceil((1.0 - sparsity) * p.numel()))
+    h = _kth_magnitude(p.detach(), k)  # a value of the tensor itself, so exact in its dtype
     w = p.detach()
     return (w <= h) & (w >= -h)
+
+
+def _kth_magnitude(w: torch.Tensor, k: int, chunk: int = CHUNK) -> float:
+    """The k-th smallest |w| (1-based), exactly, chunk by chunk: no copy of the tensor (torch.kthvalue would add
+    a sorted copy and int64 indices, torch.quantile refuses tensors over 16M elements, a float32 copy to
+    partition costs the largest tensor again). |w| in float32 (exact for every float dtype up to 32 bits) is
+    ordered as its bit pattern: a histogram of the high 16 bits finds the bucket, one of the low 16 bits the
+    value; the same value as partitioning the magnitudes."""
+    flat = w.reshape(-1)
+    spans = _chunks(flat.numel(), chunk)
+
+    def bits(b, e):
+        return flat[b:e].to(torch.float32).abs().view(torch.int32)  # abs, not abs_: fp32 .to() is the weights
+
+    hist = torch.zeros(1 << 16, dtype=torch.int64, device=w.device)
+    for b, e in spans:
+        hist += torch.bincount(bits(b, e).bitwise_right_shift(16), minlength=1 << 16)
+    cum = hist.cumsum(0)
+    hi = int(torch.searchsorted(cum, torch.tensor([k], device=w.device))[0])
+    below = int(cum[hi - 1]) if hi else 0
+    hist.zero_()
+    for b, e in spans:
+        x = bits(b, e)
+        hist += torch.bincount(x[x.bitwise_right_shift(16) == hi].bitwise_and(0xFFFF), minlength=1 << 16)
+    lo = int(torch.searchsorted(hist.cumsum(0), torch.tensor([k - below], device=w.device))[0])
+    return float(torch.tensor([(hi << 16) | lo], dtype=torch.int32).view(torch.float32)[0])
 
 
 def param_groups(named_params: Iterable[tuple[str, torch.nn.Parameter]], weight_decay: float,
@@ -120,6 +157,8 @@ class ZOSGD(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay))
         self.seed = seed
         self.restore = restore
+        self.chunk = CHUNK
+        self._buffers: dict = {}  # restore="mezo": the chunk buffers, reused from step to step
         self.steps_done = 0
         self.trajectory: list[dict] = []
         self.timing = {"forward_s": 0.0, "perturb_s": 0.0, "update_s": 0.0}
@@ -132,14 +171,18 @@ class ZOSGD(torch.optim.Optimizer):
                 raise ValueError(f"param group has {len(group['params'])} params but {len(masks)} masks")
             yield from ((group, p, m) for p, m in zip(group["params"], masks))
 
-    def _draw(self, seed: int):
-        """z for every tuned tensor, in a fixed order, from one generator per device (masked where asked)."""
+    def _seeded(self, seed: int):
+        """Every tuned tensor (group, p, mask) with its device's generator, seeded with ``seed`` once per device."""
         gens: dict[torch.device, torch.Generator] = {}
         for group, p, mask in self._params():
-            gen = gens.get(p.device)
-            if gen is None:
-                gen = gens[p.device] = torch.Generator(device=p.device)
-                gen.manual_seed(seed)
+            if p.device not in gens:
+                gens[p.device] = torch.Generator(device=p.device)
+                gens[p.device].manual_seed(seed)
+            yield group, p, mask, gens[p.device]
+
+    def _draw(self, seed: int):
+        """z for every tuned tensor, in a fixed order, from one generator per device (masked where asked)."""
+        for group, p, mask, gen in self._seeded(seed):
             z = torch.randn(p.shape, generator=gen, device=p.device, dtype=p.dtype)
             if mask is not None:
                 z.mul_(mask)  # the full draw first: the generator advances as without a mask
@@ -171,11 +214,13 @@ class ZOSGD(torch.optim.Optimizer):
     @torch.no_grad()
     def _perturb(self, seed: int, factor: float, eps: float) -> None:
         """theta += factor * eps * z (MeZO's scaling_factor in {1, -2, 1})."""
+        if self.restore == "mezo":  # MeZO's expression and evaluation order, in place and by chunks
+            def shift(group, p, z, mask, scratch):  # p.data = p.data + factor * z * eps
+                p.add_(z.mul_(factor).mul_(eps))
+            self._mezo_pass(seed, shift)
+            return
         for _, p, z, _ in self._draw(seed):
-            if self.restore == "mezo":  # MeZO's expression and evaluation order, out of place
-                p.data = p.data + factor * z * eps
-            else:
-                p.add_(z, alpha=factor * eps)
+            p.add_(z, alpha=factor * eps)
 
     @staticmethod
     def _decay(p: torch.Tensor, wd: float, mask: torch.Tensor | None) -> torch.Tensor:
@@ -192,22 +237,71 @@ class ZOSGD(torch.optim.Optimizer):
 
     @staticmethod
     def _mezo_update(p: torch.Tensor, z: torch.Tensor, g: float, lr: float, wd: float, decayed: bool,
-                     mask=None) -> None:
-        # MeZO's zo_update, written as it writes it (the wd term is computed even when wd == 0)
+                     mask=None, scratch: torch.Tensor | None = None) -> None:
+        """MeZO's zo_update, op for op (the wd term is computed even when wd == 0):
+        decayed ``p.data = p.data - lr * (g * z + wd * p.data)``, else ``p.data = p.data - lr * (g * z)``;
+        in place: z (consumed) holds each intermediate and ``scratch`` (p's shape) the wd term."""
+        z.mul_(g)
         if decayed:
-            p.data = p.data - lr * (g * z + ZOSGD._decay(p.data, wd, mask))
-        else:
-            p.data = p.data - lr * (g * z)
+            term = torch.mul(p, wd, out=scratch) if scratch is not None else p * wd
+            if mask is not None and wd:
+                term.mul_(mask)
+            z.add_(term)
+        p.sub_(z.mul_(lr))
+
+    def _scratch(self, device: torch.device, dtype: torch.dtype, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two reusable flat buffers of at least ``n`` elements (z and the wd term of one chunk)."""
+        key = (device, dtype)
+        bufs = self._buffers.get(key)
+        if bufs is None or bufs[0].numel() < n:
+            self._buffers.pop(key, None)
+            bufs = self._buffers[key] = (torch.empty(n, device=device, dtype=dtype),
+                                         torch.empty(n, device=device, dtype=dtype))
+        return bufs[0][:n], bufs[1][:n]
+
+    @torch.no_grad()
+    def _mezo_pass(self, seed: int, op) -> None:
+        """``op(group, p_chunk, z_chunk, mask_chunk, scratch)`` over every tuned tensor, chunk by chunk, with
+        the z of ``_draw(seed)``: the same generator, the same values, the same bits as MeZO's whole-tensor
+        arithmetic (every op is elementwise and the same kernel runs in place), but the only temporaries are
+        two buffers of CHUNK elements (MeZO's out-of-place ``p.data = ...`` holds three copies of the largest
+        tensor). On CPU z is drawn chunk by chunk: torch's CPU normal sampler fills blocks of 16 values from
+        consecutive uniforms and redraws the last 16 when the size is not a multiple of 16, so chunks of a
+        multiple of 16 elements, the remainder folded into the last chunk when it is under 16, give the whole
+        tensor's draw bit for bit and leave the generator where it would be (tests/test_zo.py checks it). On
+        other devices (counter-based generators), z is drawn whole per tensor as before, then used in place."""
+        for group, p, mask, gen in self._seeded(seed):
+            data = p.data
+            if data.device.type != "cpu" or not data.is_contiguous():
+                z = torch.randn(data.shape, generator=gen, device=data.device, dtype=data.dtype)
+                if mask is not None:
+                    z.mul_(mask)
+                op(group, data, z, mask, None)
+                del z
+                continue
+            flat = data.view(-1)
+            mflat = mask.reshape(-1) if mask is not None else None
+            for b, e in _chunks(flat.numel(), self.chunk):
+                z, scratch = self._scratch(flat.device, flat.dtype, e - b)
+                torch.randn(e - b, generator=gen, device=flat.device, dtype=flat.dtype, out=z)
+                m = None
+                if mflat is not None:
+                    m = mflat[b:e]
+                    z.mul_(m)
+                op(group, flat[b:e], z, m, scratch)
 
     @torch.no_grad()
     def _update(self, seed: int, g: float, zs: list | None = None) -> None:
         items = (zip(self._params(), zs) if zs is not None
                  else (((gr, p, m), z) for gr, p, z, m in self._draw(seed)))
+        if self.restore == "mezo":
+            def update(group, p, z, mask, scratch):
+                self._mezo_update(p, z, g, group["lr"], group["weight_decay"], group.get("decay", True), mask,
+                                  scratch)
+            self._mezo_pass(seed, update)
+            return
         for (group, p, mask), z in items:
-            if self.restore == "mezo":
-                self._mezo_update(p, z, g, group["lr"], group["weight_decay"], group.get("decay", True), mask)
-            else:
-                self._apply_update(p, z, g, group["lr"], group["weight_decay"], mask)
+            self._apply_update(p, z, g, group["lr"], group["weight_decay"], mask)
 
     @torch.no_grad()
     def _fused_update(self, seed: int, eps: float, g: float) -> None:
