@@ -141,3 +141,12 @@ envs: setup
 # that builds each env with exactly its file's packages: tests/conda_standin.py); ~1 min, after `make test` in CI
 env-check: setup
 	DLZO_ENV_CHECK=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q -s -ra tests/test_envs.py -k every_rule_runs_in
+
+# LLaMA2-7B (fp16) and Qwen3-8B (bf16) at their published shapes, random weights built on the GPU (no download):
+# seconds per ZO step of every method and peak memory vs inference on MeZO's SST-2 and COPA batches, the paper's
+# speedups beside ours (dlzo.bench --paper-scale; ~3-4 min on one H100/H200, 8 min at most). On CPU:
+# `make gpu-bench GPU_BENCH_ARGS="--scaled 64"` (the same architectures, widths / 64, fp32)
+.PHONY: gpu-bench
+GPU_BENCH_OUT ?= results/gpu_bench.json
+gpu-bench:
+	PYTHONPATH=src HF_HUB_OFFLINE=1 python -m dlzo.bench --paper-scale --out $(GPU_BENCH_OUT) $(GPU_BENCH_ARGS)

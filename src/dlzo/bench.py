@@ -4,7 +4,8 @@
 
 In one run, on batches shaped like SST-2 (16 x 32 tokens) and COPA (16 x 16 tokens), for each layer
 (index 1, LLaMA2-7B's dominant layer and the worst case, plus the probe's layer when given):
-  mezo_faithful_full_s  MeZO's step on every parameter as its trainer codes it (ZOSGD restore="mezo"):
+  mezo_faithful_full_s  MeZO's step on every parameter as its trainer codes it (``MezoLiteral``: MeZO's
+                        arithmetic as dlzo.zo's default, but out of place as MeZO allocates it):
                         z regenerated four times, out-of-place perturbations and update, the loss
                         from the model's labels path (full logits at every position)
   full_s                our full-model step: in place, restore and update fused (three draws of z,
@@ -22,11 +23,12 @@ hits every mode alike.
     python -m dlzo.bench --memory --model <model dir> --out memory.json [--layers 11 1] [--shapes sst2]
 
 The memory comparison of the paper's methods, each step as the pipeline runs it, at the same batch:
-inference, mezo-full (MeZO's step as its trainer writes it: out-of-place arithmetic, whose temporaries
-of the largest tensor cost memory), mezo-full-fused (the same maths in place, ``--restore fused``),
+inference, mezo-full (MeZO's step with its trainer's arithmetic bit for bit, the default ``--restore mezo``:
+run in place, chunk by chunk), mezo-full-fused (in place with one draw of z less, ``--restore fused``),
 sparse-mezo (mezo-full with fixed magnitude masks, one byte a parameter), dominant-layer ZO (``layer-<i>``: exact restore, frozen prefix cached), fo-adamw
 (backprop + AdamW on every parameter) and fo-layer-<i> (AdamW on layer i only). Per method:
-``peak_mb``, ``vs_inference`` = peak_mb / inference's, and ``vs_inference_net``, the same ratio after
+``peak_mb`` (for the tuned methods after the steps and then writing their checkpoint as dlzo.train does,
+``step_peak_mb`` the peak before the write, ``checkpoint_mb`` its size), ``vs_inference`` = peak_mb / inference's, and ``vs_inference_net``, the same ratio after
 taking off each process's memory before the model was loaded (CPU: the Python and torch runtime's
 RSS, a few hundred MB that every method pays alike; GPU: zero). Weights are fp32 on CPU; on GPU the
 ZO rows and inference use the runtime dtype (fp16 by default) and the FO rows fp32 master weights
@@ -39,6 +41,28 @@ draws them), one sequence per candidate against ``train --scoring shared-prompt`
 example whose candidates differ only in their last token): per mode the tokens per batch and the
 median seconds of a ZO step's two forward passes, taken alternately on the same batches; ``speedup``
 and the largest difference of the two modes' losses (float rounding only).
+
+    python -m dlzo.bench --paper-scale --out results/gpu_bench.json     (make gpu-bench; one GPU, ~3-4 min)
+    python -m dlzo.bench --paper-scale --scaled 64 --out bench.json    (CPU: widths / 64, fp32)
+
+The paper's two models at their published shapes (``dlzo.architectures``), built with random weights directly on
+the GPU (``dlzo.models.build_random``; no download: step time and memory do not depend on the weights' values):
+LLaMA2-7B in fp16 and Qwen3-8B in bf16 (each checkpoint's dtype). Batches are MeZO's at batch size 16, padded to
+``TaskSpec.tokens`` (the 90th-percentile prompt + candidate length under LLaMA-2's tokenizer, used for both
+models): SST-2 one sequence per candidate (MeZO's train_as_classification), 32 x 43, one scored token each; COPA
+the gold answer only (an "lm" objective), 16 x 21, 5 scored tokens. Per model and batch, seconds per step and
+peak memory of: inference; mezo_faithful_full (``MezoLiteral``: MeZO's four draws of z and out-of-place
+arithmetic, full logits at every position); full (ours: fused, three draws); sparse_mezo (the pipeline's, 75%
+frozen; the magnitude threshold estimated on the GPU from a sample: ``sampled_magnitude_masks``); layer@i and
+layer_paired@i (single-layer ZO without / with the paired suffix) and floor@i for i = 1 and the dominant layer
+(``--dominant``, else ``--probe-dir``/<model>/probe.json, else the paper's: LLaMA2-7B's is 1; Qwen3-8B's is not
+known: layer 1 only); lora_zo (r 8, alpha 16 on q_proj and v_proj in every layer, exact restore). Ratios:
+``speedup_vs_mezo`` = mezo_faithful_full's s/step / the mode's; ``peak_vs_inference``; beside them the paper's
+end-to-end speedups for LLaMA2-7B (SST-2 2.45x, COPA 4.52x). Design: one spawned process per model, built once;
+every (mode, batch) in turn in it, peak reset after the mode's set-up (GPU: ``torch.cuda.max_memory_allocated``
+since ``reset_peak_memory_stats`` is that mode's alone; CPU: VmHWM reset through /proc/self/clear_refs), 1 warm-up
++ ``--steps`` (3) timed steps, synchronized, median. A budget is printed first; no mode starts after
+``--time-limit`` (480 s) and the JSON says which were skipped. Without a GPU it refuses unless ``--scaled``.
 """
 from __future__ import annotations
 
@@ -117,6 +141,7 @@ def _worker(mode: str, model_dir: str, layer: int, shape: tuple[int, int], devic
         with torch.no_grad(), amp():
             prefix.fill([batch])
     tuned = model.num_parameters()
+    ckpt = None  # the tuned tensors a training run saves (train.save_tuned) after its steps
     if mode == "inference":
         run = lambda: loss(model, batch)  # noqa: E731
     elif mode == "floor":
@@ -130,6 +155,7 @@ def _worker(mode: str, model_dir: str, layer: int, shape: tuple[int, int], devic
             p.requires_grad_(True)
         tuned = sum(p.numel() for p in params)
         opt = torch.optim.AdamW(param_groups(named, 0.0), lr=1e-6, weight_decay=0.0)
+        ckpt = named
 
         def run():
             batch.memo.clear()
@@ -141,7 +167,11 @@ def _worker(mode: str, model_dir: str, layer: int, shape: tuple[int, int], devic
         else:
             named = list(model.named_parameters())
             restore = "mezo" if mode in ("mezo_faithful_full", "mezo_full", "sparse_mezo") else "fused"
-        opt = zo_optimizer(named, 1e-6, 1e-3, 0.0, 0, restore, sparsity if mode == "sparse_mezo" else None)
+        if mode == "mezo_faithful_full":  # MeZO's out-of-place arithmetic and allocations (dlzo.zo's are in place)
+            opt = MezoLiteral(param_groups(named, 0.0), lr=1e-6, eps=1e-3, weight_decay=0.0, seed=0, restore="mezo")
+        else:
+            opt = zo_optimizer(named, 1e-6, 1e-3, 0.0, 0, restore, sparsity if mode == "sparse_mezo" else None)
+        ckpt = named
         if mode == "sparse_mezo":
             tuned = sum(int(m.sum()) for g in opt.param_groups for m in g["masks"])
         elif prefix is not None:
@@ -160,8 +190,20 @@ def _worker(mode: str, model_dir: str, layer: int, shape: tuple[int, int], devic
             run()
             _sync(device)
             conn.send(time.perf_counter() - t0)
-    conn.send({"peak_mb": peak_memory_mb(device), "base_mb": base_mb, "tuned_params": tuned,
-               "weights_dtype": str(dtype).replace("torch.", ""), "amp": amp_name})
+    res = {"peak_mb": peak_memory_mb(device), "base_mb": base_mb, "tuned_params": tuned,
+           "weights_dtype": str(dtype).replace("torch.", ""), "amp": amp_name}
+    if ckpt is not None:  # the run's checkpoint write, as dlzo.train writes tuned.safetensors: its peak counts
+        import tempfile
+        from pathlib import Path
+
+        from dlzo.train import _tensors, save_tuned
+
+        res["step_peak_mb"] = res["peak_mb"]
+        with tempfile.TemporaryDirectory() as tmp:
+            save_tuned(Path(tmp) / "tuned.safetensors", _tensors(ckpt, host=False), mode, 0)
+            res["checkpoint_mb"] = (Path(tmp) / "tuned.safetensors").stat().st_size / 2**20
+        res["peak_mb"] = peak_memory_mb(device)
+    conn.send(res)
 
 
 def measure_modes(specs: dict, model_dir: str, shape, steps: int, device: str, dtype: str, threads: int | None,
@@ -321,13 +363,515 @@ def scoring_bench(model_dir: str, data: str, task: str, batch_size: int, max_len
     return res
 
 
+# --- --paper-scale: the paper's two architectures at full size on one GPU (random weights, no download) -----------
+#
+# One process per model (spawned): the model is built once, directly on the device, and every mode of every
+# shape is measured in turn on it. Per mode: set up (optimizer, masks, prefix cache, adapters), reset the peak,
+# one warm-up step + ``steps`` timed steps (synchronized), read the peak, free everything the mode made. On GPU,
+# ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats`` is exactly this mode's peak (weights, what
+# the mode keeps, its step's transients). On CPU, the peak resident set size is reset the same way through
+# /proc/self/clear_refs (Linux). Weights are not restored between modes: they are random, step time and memory do
+# not depend on their values, and a few ZO steps at lr 1e-6 leave them where they were up to rounding.
+# LoRA wraps the model (peft), so lora-zo runs last.
+
+from dlzo.zo import ZOSGD  # noqa: E402
+
+PAPER_MODELS = {"llama2-7b": "float16", "qwen3-8b": "bfloat16"}  # each checkpoint's dtype (its config.json)
+# LLaMA2-7B's dominant layer (paper [S]; Sun et al.'s first massive-activation layer). Qwen3-8B's is not known
+# (SPEC: "the pipeline measures it"); random weights have no outliers, so the probe cannot find it here.
+PAPER_DOMINANT = {"llama2-7b": 1}
+PAPER_SPEEDUP = {"sst2": 2.45, "copa": 4.52}  # LLaMA2-7B, dominant layer vs MeZO, end-to-end (paper, Table 4 [S])
+PAPER_SCORED = {"sst2": 1, "copa": 5}  # scored tokens per sequence: SST-2's one-token candidates; a COPA answer
+PAPER_LORA = dict(r=8, alpha=16)
+PAPER_LIMIT_S = 480.0
+# step-time model for the printed budget (dlzo.cluster's defaults on GPU: achieved TFLOP/s and TB/s)
+BUDGET_RATES = {"cuda": dict(tflops=100.0, tbps=1.5, step_overhead_s=0.02, mode_overhead_s=1.5, start_s=20.0,
+                             build_s_per_gb=1.5, build_s=10.0),
+                "cpu": dict(tflops=0.03, tbps=0.003, step_overhead_s=0.03, mode_overhead_s=0.3, start_s=6.0,
+                            build_s_per_gb=20.0, build_s=1.0)}
+
+
+def paper_shape(task: str) -> dict:
+    """MeZO's batch of ``task``: 16 examples, one sequence per candidate for a candidates objective (MeZO's
+    train_as_classification: SST-2's two) or one for "lm" (COPA: the gold answer), all padded to
+    ``TaskSpec.tokens`` (the 90th-percentile prompt + candidate length under LLaMA-2's tokenizer)."""
+    from dlzo.tasks import TASKS
+
+    spec = TASKS[task]
+    per = spec.choices if spec.objective == "candidates" else 1
+    return {"task": task, "examples": 16, "seqs_per_example": per, "sequences": 16 * per, "tokens": spec.tokens,
+            "scored_per_seq": PAPER_SCORED[task], "objective": spec.objective, "choices": spec.choices}
+
+
+def _paper_batch(vocab: int, shape: dict, device, seed: int = 0):
+    from dlzo.objectives import Batch
+
+    n, t, k = shape["sequences"], shape["tokens"], shape["scored_per_seq"]
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (n, t), generator=gen)
+    cols = torch.arange(t - k, t)
+    pos = (torch.arange(n)[:, None] * t + cols[None, :] - 1).reshape(-1)  # logits at j-1 predict token j
+    tok = ids[:, t - k:].reshape(-1)
+    unit = torch.arange(n)[:, None].expand(n, k).reshape(-1)
+    if shape["objective"] == "candidates":
+        c = shape["choices"]
+        n_cands, labels = [c] * shape["examples"], torch.randint(0, c, (shape["examples"],), generator=gen)
+        keys = [(i // c, i % c) for i in range(n)]
+    else:
+        n_cands, labels, keys = [], torch.zeros(0, dtype=torch.long), [(i, 0) for i in range(n)]
+    dev = lambda x: x.to(device)  # noqa: E731
+    return Batch(dev(ids), dev(torch.ones_like(ids)), dev(pos), dev(tok), dev(unit), n_cands, dev(labels),
+                 shape["objective"], keys=keys, n_units=n)
+
+
+def paper_modes(layers: list[int]) -> list[tuple[str, str, int | None]]:
+    """(key, mode, layer) in the order measured: lora-zo last (it wraps the model)."""
+    modes = [("inference", "inference", None), ("mezo_faithful_full", "mezo_faithful_full", None),
+             ("full", "full", None), ("sparse_mezo", "sparse_mezo", None)]
+    for layer in layers:
+        modes += [(f"layer@{layer}", "layer", layer), (f"layer_paired@{layer}", "layer_paired", layer),
+                  (f"floor@{layer}", "floor", layer)]
+    return modes + [("lora_zo", "lora_zo", None)]
+
+
+@torch.no_grad()
+def sampled_magnitude_masks(groups: list[dict], sparsity: float, sample: int = 1 << 20, seed: int = 0) -> None:
+    """Sparse-MeZO's masks with each tensor's threshold estimated on its device from a random sample of
+    ``sample`` entries (``dlzo.zo.magnitude_mask`` selects exactly, on the host: a minute or two per 8B model,
+    set-up cost only). A step's time and memory depend on there being a mask, not on which weights it keeps."""
+    import math
+
+    for g in groups:
+        masks = []
+        for p in g["params"]:
+            w = p.detach().reshape(-1)
+            if w.numel() > sample:
+                gen = torch.Generator(device=w.device)
+                gen.manual_seed(seed)
+                w = w[torch.randint(0, w.numel(), (sample,), device=w.device, generator=gen)]
+            mag = w.float().abs()
+            k = max(1, math.ceil((1.0 - sparsity) * mag.numel()))
+            h = float(mag.kthvalue(k).values)
+            q = p.detach()
+            masks.append((q <= h) & (q >= -h))
+        g["masks"] = masks
+
+
+class MezoLiteral(ZOSGD):
+    """ZO-SGD with MeZO's trainer's arithmetic exactly as it writes it (restore="mezo"'s maths): z drawn whole
+    at each of the four uses, ``p.data = p.data + scaling_factor * z * eps`` and ``p.data = p.data - lr * (g * z
+    + wd * p.data)`` (no wd term for no-decay tensors), out of place: the temporaries of the largest tensor it
+    allocates are part of MeZO's step time and peak memory, whatever ``dlzo.zo`` does in place."""
+
+    @torch.no_grad()
+    def _perturb(self, seed: int, factor: float, eps: float) -> None:
+        for _, p, z, _ in self._draw(seed):
+            p.data = p.data + factor * z * eps
+
+    @torch.no_grad()
+    def _update(self, seed: int, g: float, zs=None) -> None:
+        for group, p, z, _ in self._draw(seed):
+            lr, wd = group["lr"], group["weight_decay"]
+            if group.get("decay", True):
+                p.data = p.data - lr * (g * z + wd * p.data)
+            else:
+                p.data = p.data - lr * (g * z)
+
+
+class _Peak:
+    """This mode's peak memory in MB: GPU, torch's max allocated since ``reset``; CPU (Linux), the peak resident
+    set since ``reset`` (VmHWM, reset through /proc/self/clear_refs), else the process's peak so far."""
+
+    def __init__(self, device):
+        self.device = device
+        self.kind = "cuda max_memory_allocated" if device.type == "cuda" else "cpu VmHWM (reset per mode)"
+
+    def reset(self) -> None:
+        import gc
+
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return
+        try:
+            import ctypes
+
+            ctypes.CDLL("libc.so.6").malloc_trim(0)  # give freed heap back, so the reset starts from what is live
+        except (OSError, AttributeError):
+            pass
+        try:
+            with open("/proc/self/clear_refs", "w") as fh:
+                fh.write("5")
+        except OSError:
+            self.kind = "cpu ru_maxrss (process peak so far: not per mode)"
+
+    def mb(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        try:
+            with open("/proc/self/status") as fh:
+                for line in fh:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) / 1024
+        except OSError:
+            pass
+        from dlzo.runtime import peak_memory_mb
+
+        return peak_memory_mb(self.device)
+
+
+def _paper_setup(mode: str, layer: int | None, model, batch, sparsity: float):
+    """(run one step, parameters tuned, the objects to free) of a mode on ``model`` (lora_zo: the peft model)."""
+    from dlzo.models import tuned_parameters
+    from dlzo.objectives import FrozenPrefix, loss
+    from dlzo.train import zo_step
+    from dlzo.tuning import zo_optimizer
+    from dlzo.zo import param_groups
+
+    prefix = None
+    if mode in ("layer", "layer_paired", "floor"):
+        prefix = FrozenPrefix(model, layer, "dataset")
+        prefix.fill([batch])
+    if mode == "inference":
+        return (lambda: loss(model, batch)), 0, []
+    if mode == "floor":  # the two forward passes from the tuned layer on, nothing else
+        def floor():
+            batch.memo.clear()
+            return loss(model, batch, prefix), loss(model, batch, prefix)
+        return floor, 0, [prefix]
+    if mode in ("layer", "layer_paired"):
+        named = list(prefix.layers[layer].named_parameters())
+        opt = zo_optimizer(named, 1e-6, 1e-3, 0.0, 0, "exact")
+    elif mode == "lora_zo":  # train's restore for LoRA methods: exact; MeZO's LoRA lr / eps
+        named = tuned_parameters(model, "lora-zo", None)
+        opt = zo_optimizer(named, 1e-4, 1e-2, 0.0, 0, "exact")
+    else:
+        named = list(model.named_parameters())
+        restore = "fused" if mode == "full" else "mezo"
+        groups = param_groups(named, 0.0)
+        if mode == "sparse_mezo":  # as the pipeline runs it (dlzo.zo's restore="mezo"), with magnitude masks
+            sampled_magnitude_masks(groups, sparsity)
+        cls = MezoLiteral if mode == "mezo_faithful_full" else ZOSGD
+        opt = cls(groups, lr=1e-6, eps=1e-3, weight_decay=0.0, seed=0, restore=restore)
+    tuned = (sum(int(m.sum()) for g in opt.param_groups for m in g["masks"]) if mode == "sparse_mezo"
+             else sum(p.numel() for _, p in named))
+    if mode == "mezo_faithful_full":  # MeZO's loss: the model's labels path, full logits at every position
+        labels = torch.full_like(batch.input_ids, -100)
+        labels.view(-1)[batch.score_pos + 1] = batch.score_tok
+
+        def full_logits_loss():
+            return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=labels,
+                         use_cache=False).loss
+        return (lambda: opt.step(full_logits_loss)), tuned, [opt, labels]
+
+    def step():
+        batch.memo.clear()
+        return zo_step(opt, model, batch, prefix, mode == "layer_paired")
+    return step, tuned, [opt, prefix]
+
+
+def _paper_worker(name: str, divisor: int, device_name: str, steps: int, tasks: list[str], layers: list[int],
+                  sparsity: float, threads: int | None, deadline: float, conn) -> None:
+    """One model in its own process: build it once, measure every (mode, shape), send the result (or the error)."""
+    import traceback
+
+    try:
+        conn.send(("ok", _paper_model(name, divisor, device_name, steps, tasks, layers, sparsity, threads, deadline)))
+    except BaseException:  # noqa: BLE001 - the parent records it and goes on with the next model
+        conn.send(("error", traceback.format_exc()))
+
+
+def _paper_model(name, divisor, device_name, steps, tasks, layers, sparsity, threads, deadline) -> dict:
+    import platform
+
+    from dlzo.architectures import get_architecture, total_params
+    from dlzo.models import add_lora, build_random
+    from dlzo.runtime import pick_device, set_threads
+    from dlzo.tuning import LORA_TARGETS
+
+    set_threads(threads)
+    t_start = time.perf_counter()
+    device = pick_device(device_name)
+    dtype = getattr(torch, PAPER_MODELS[name]) if device.type == "cuda" else torch.float32
+    arch = get_architecture(name, divisor)
+    peak = _Peak(device)
+    peak.reset()
+    base_mb = peak.mb() if device.type != "cuda" else 0.0
+    t0 = time.perf_counter()
+    model = build_random(arch, device, dtype, seed=0)
+    model.requires_grad_(False)
+    _sync(device)
+    build_s = time.perf_counter() - t0
+    weights_mb = (torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda"
+                  else sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20)
+    res = {"architecture": name, "width_divisor": divisor, "params": total_params(arch),
+           "params_built": model.num_parameters(), "layers": arch["num_hidden_layers"], "hidden": arch["hidden_size"],
+           "vocab": arch["vocab_size"], "dtype": str(dtype).replace("torch.", ""), "device": str(device),
+           "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+           "build_s": build_s, "weights_mb": weights_mb, "base_mb": base_mb, "peak_kind": peak.kind,
+           "start_to_built_s": time.perf_counter() - t_start, "shapes": {}}
+    shapes = {t: paper_shape(t) for t in tasks}
+    batches = {t: _paper_batch(arch["vocab_size"], shapes[t], device, seed=i) for i, t in enumerate(tasks)}
+    for t in tasks:
+        res["shapes"][t] = {**shapes[t], "batch": [shapes[t]["sequences"], shapes[t]["tokens"]], "modes": {}}
+    target = model
+    with torch.no_grad():
+        for key, mode, layer in paper_modes(layers):
+            if mode == "lora_zo" and time.time() < deadline:
+                target = add_lora(model, None, PAPER_LORA["r"], PAPER_LORA["alpha"], LORA_TARGETS, seed=0)
+            for t in tasks:
+                row = res["shapes"][t]["modes"]
+                if time.time() > deadline:
+                    row[key] = {"skipped": "time limit (--time-limit) reached before this mode"}
+                    continue
+                t_mode = time.perf_counter()
+                held = []
+                try:
+                    peak.reset()
+                    run, tuned, held = _paper_setup(mode, layer, target, batches[t], sparsity)
+                    setup_s = time.perf_counter() - t_mode
+                    peak.reset()  # after set-up: what the mode keeps is live and counted, its set-up transients not
+                    times = []
+                    for _ in range(steps + 1):  # the first step warms up and is not counted
+                        _sync(device)
+                        s0 = time.perf_counter()
+                        run()
+                        _sync(device)
+                        times.append(time.perf_counter() - s0)
+                    row[key] = {"mode": mode, "layer": layer, "s": statistics.median(times[1:]), "times": times[1:],
+                                "warmup_s": times[0], "setup_s": setup_s, "peak_mb": peak.mb(), "tuned_params": tuned}
+                except Exception as err:  # noqa: BLE001 - one mode failing (e.g. out of memory) keeps the others
+                    row[key] = {"mode": mode, "layer": layer, "error": f"{type(err).__name__}: {err}"[:2000]}
+                finally:
+                    run = held = None  # noqa: F841
+                    batches[t].memo.clear()
+                    peak.reset()
+                row[key]["wall_s"] = time.perf_counter() - t_mode
+                print(f"  {name} {t} {key}: " + (f"{row[key]['s']:.4f} s/step, peak {row[key]['peak_mb']:.0f} MB"
+                      if "s" in row[key] else row[key].get("error") or row[key].get("skipped")),
+                      file=sys.stderr, flush=True)
+    res["wall_s"] = time.perf_counter() - t_start
+    return res
+
+
+def paper_ratios(model: dict, name: str, dominant: int | None) -> None:
+    """Add the speedups vs MeZO-faithful and the peaks vs inference to every shape of a model's result."""
+    for task, sh in model["shapes"].items():
+        modes = sh["modes"]
+        ok = {k: m for k, m in modes.items() if "s" in m}
+        mezo, inf = ok.get("mezo_faithful_full"), ok.get("inference")
+        base = model.get("base_mb", 0.0)
+        for m in ok.values():
+            m["speedup_vs_mezo"] = mezo["s"] / m["s"] if mezo else None
+            m["peak_vs_inference"] = m["peak_mb"] / inf["peak_mb"] if inf else None
+            m["peak_vs_inference_net"] = ((m["peak_mb"] - base) / (inf["peak_mb"] - base)
+                                          if inf and inf["peak_mb"] > base else None)
+        d = {"layer": dominant}
+        for suffix, key in (("", "layer"), ("_paired", "layer_paired")):
+            for label, layer in (("layer1", 1), ("dominant", dominant)):
+                m = ok.get(f"{key}@{layer}") if layer is not None else None
+                d[f"{label}{suffix}_speedup_vs_mezo"] = m["speedup_vs_mezo"] if m else None
+        d["paper_speedup_vs_mezo"] = PAPER_SPEEDUP.get(task) if name == "llama2-7b" else None
+        d["paper_note"] = ("LLaMA2-7B, end-to-end training (paper Table 4 [S]); ours: per ZO step"
+                           if name == "llama2-7b" else "the paper's speedup is reported for LLaMA2-7B only [S]")
+        sh["speedups"] = d
+
+
+def paper_budget(models: list[str], tasks: list[str], steps: int, divisor: int, device_type: str,
+                 layers: dict[str, list[int]], limit_s: float) -> dict:
+    """The run's estimated seconds: per model its process start and build, per (mode, shape) its set-up and
+    ``steps`` + 1 steps, from FLOPs and passes over the weights at BUDGET_RATES (rough; printed beside the
+    measured times at the end)."""
+    from dlzo.architectures import get_architecture, layer_params, lora_params, total_params
+
+    c = BUDGET_RATES["cuda" if device_type == "cuda" else "cpu"]
+    out = {"rates": c, "steps": steps, "limit_s": limit_s, "models": {}}
+    total = 0.0
+    for name in models:
+        arch = get_architecture(name, divisor)
+        nbytes = 2 if device_type == "cuda" else 4
+        P, Lp, L = total_params(arch), layer_params(arch), arch["num_hidden_layers"]
+        head = arch["vocab_size"] * arch["hidden_size"]
+        fwd = lambda params, tokens: max(2 * params * tokens / (c["tflops"] * 1e12),  # noqa: E731
+                                         params * nbytes / (c["tbps"] * 1e12))
+        passes = lambda params, n: n * params * nbytes / (c["tbps"] * 1e12)  # noqa: E731
+        build = c["start_s"] + c["build_s"] + c["build_s_per_gb"] * P * nbytes / 1e9
+        m = {"build_s": build, "modes": {}}
+        model_total = build
+        for t in tasks:
+            sh = paper_shape(t)
+            tok = sh["sequences"] * sh["tokens"]
+            lora = lora_params(arch, PAPER_LORA["r"])
+            step = {"inference": fwd(L * Lp, tok),
+                    "mezo_faithful_full": 2 * fwd(L * Lp + head, tok) + passes(P, 20),
+                    "full": 2 * fwd(L * Lp, tok) + passes(P, 10), "sparse_mezo": 2 * fwd(L * Lp, tok) + passes(P, 24),
+                    "lora_zo": 2.2 * fwd(L * Lp, tok) + passes(lora, 10)}
+            setup = {"sparse_mezo": passes(P, 4), "lora_zo": 2.0}
+            for layer in layers[name]:
+                suffix = 2 * fwd((L - layer) * Lp, tok)
+                step.update({f"layer@{layer}": suffix + passes(Lp, 10), f"layer_paired@{layer}": suffix + passes(Lp, 10),
+                             f"floor@{layer}": suffix})
+                setup[f"layer@{layer}"] = setup[f"layer_paired@{layer}"] = setup[f"floor@{layer}"] = fwd(layer * Lp, tok)
+            for key, s in step.items():
+                est = c["mode_overhead_s"] + setup.get(key, 0.0) + (steps + 1) * (s + c["step_overhead_s"])
+                m["modes"][f"{t}/{key}"] = {"step_s": s + c["step_overhead_s"], "total_s": est}
+                model_total += est
+        m["total_s"] = model_total
+        out["models"][name] = m
+        total += model_total
+    out["total_s"] = total
+    out["fits"] = total <= limit_s
+    return out
+
+
+def _print_budget(b: dict, device_type: str) -> None:
+    c = b["rates"]
+    print(f"time budget ({'GPU' if device_type == 'cuda' else 'CPU, rough'}: {c['tflops']:g} TFLOP/s, "
+          f"{c['tbps']:g} TB/s achieved; {b['steps']} timed steps + 1 warm-up per mode), limit {b['limit_s']:.0f} s:")
+    for name, m in b["models"].items():
+        print(f"  {name}: process start + build {m['build_s']:.0f} s; modes {m['total_s'] - m['build_s']:.0f} s "
+              f"({len(m['modes'])} mode x shape); model total {m['total_s']:.0f} s")
+        for key, v in m["modes"].items():
+            print(f"    {key:28s} ~{v['step_s']:.3f} s/step, {v['total_s']:.1f} s")
+    print(f"  estimated total {b['total_s']:.0f} s of {b['limit_s']:.0f} s"
+          + ("" if b["fits"] else "  (OVER the limit: modes past --time-limit are skipped)"), flush=True)
+
+
+def _resolve_dominant(name: str, pinned: dict[str, int], probe_dir: str | None) -> tuple[int | None, str]:
+    from pathlib import Path
+
+    if name in pinned:
+        return pinned[name], "--dominant"
+    probe = Path(probe_dir) / name / "probe.json" if probe_dir else None
+    if probe is not None and probe.exists():
+        first = read_json(probe, "probe result").get("first_outlier_layer")
+        if first is not None:
+            return int(first), f"probe: {probe}"
+    if name in PAPER_DOMINANT:
+        return PAPER_DOMINANT[name], "paper [S]: LLaMA2-7B's dominant layer is 1 (SPEC.md), its first massive-activation layer"
+    return None, ("not known: SPEC.md says Qwen3-8B's dominant layer is measured by the pipeline's probe, and random "
+                  "weights have no outliers to probe; pass --dominant qwen3-8b=<i> or a probe.json under --probe-dir. "
+                  "Only layer 1 is timed: a later layer runs fewer layers per step, so layer 1 bounds its step time")
+
+
+def paper_scale_bench(models: list[str], tasks: list[str], steps: int, divisor: int, device: str, out: str,
+                      threads: int | None, sparsity: float, limit_s: float, pinned: dict[str, int],
+                      probe_dir: str | None) -> int:
+    """The --paper-scale run (see the module docstring); writes ``out`` after each model; 0 when every mode ran."""
+    import platform
+
+    t0, deadline = time.perf_counter(), time.time() + limit_s
+    device_type = "cuda" if (device in ("auto", "cuda") or device.startswith("cuda")) and torch.cuda.is_available() \
+        else "cpu"
+    if divisor == 1 and device_type != "cuda":
+        print("dlzo.bench: no CUDA GPU: --paper-scale builds LLaMA2-7B and Qwen3-8B at full size (13-17 GB of "
+              "half-precision weights) and times them on a GPU; run with --scaled 64 on CPU (the same architectures, "
+              "widths divided by 64, fp32)", file=sys.stderr)
+        return 2
+    dominant = {name: _resolve_dominant(name, pinned, probe_dir) for name in models}
+    layers = {name: [1] + ([d] if d is not None and d != 1 else []) for name, (d, _) in dominant.items()}
+    budget = paper_budget(models, tasks, steps, divisor, device_type, layers, limit_s)
+    _print_budget(budget, device_type)
+    try:
+        import peft
+        import transformers
+        versions = {"transformers": transformers.__version__, "peft": peft.__version__}
+    except ImportError:
+        versions = {}
+    res = {"bench": "paper-scale", "scaled": divisor if divisor != 1 else None, "steps": steps,
+           "device_type": device_type, "torch": torch.__version__, "cuda": torch.version.cuda, **versions,
+           "python": platform.python_version(), "host": platform.node(),
+           "shapes": {t: paper_shape(t) for t in tasks}, "sparsity": sparsity, "lora": PAPER_LORA,
+           "paper_speedup_vs_mezo": {"model": "llama2-7b", **PAPER_SPEEDUP,
+                                     "note": "end-to-end training speedup of the dominant layer vs MeZO (Table 4 [S])"},
+           "design": "one spawned process per model: built once on the device with random weights "
+                     "(dlzo.models.build_random), every (mode, shape) measured in turn: set up, peak reset, 1 warm-up "
+                     f"+ {steps} timed steps (synchronized), median; GPU peak = max_memory_allocated since the reset",
+           "budget": budget, "models": {}, "summary": []}
+    ctx = mp.get_context("spawn")
+    failed = False
+    for name in models:
+        d, source = dominant[name]
+        print(f"{name}: building ({'scaled 1/' + str(divisor) if divisor != 1 else 'full size'}), "
+              f"layers {layers[name]}, dominant layer {d} ({source.split(':')[0]})", flush=True)
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_paper_worker, args=(name, divisor, device, steps, tasks, layers[name], sparsity,
+                                                       threads, deadline, child))
+        proc.start()
+        status, payload = ("error", "worker exited without a result")
+        if parent.poll(max(60.0, deadline - time.time() + 120.0)):
+            try:
+                status, payload = parent.recv()
+            except EOFError:
+                pass
+        proc.join(timeout=60)
+        if proc.is_alive():
+            proc.kill()
+        if status != "ok":
+            failed = True
+            res["models"][name] = {"error": payload, "dominant_layer": d, "dominant_source": source}
+            print(f"{name}: FAILED\n{payload}", flush=True)
+            write_json(out, res)
+            continue
+        payload.update(dominant_layer=d, dominant_source=source)
+        paper_ratios(payload, name, d)
+        res["models"][name] = payload
+        res["device"] = payload["device_name"]
+        for task, sh in payload["shapes"].items():
+            failed |= any("s" not in m for m in sh["modes"].values())
+            modes = sh["modes"]
+            get = lambda k, f="s": modes.get(k, {}).get(f)  # noqa: E731
+            row = {"model": name, "task": task, "batch": sh["batch"], "dtype": payload["dtype"],
+                   "mezo_faithful_full_s": get("mezo_faithful_full"), "full_s": get("full"),
+                   "layer1_s": get("layer@1"), "layer1_paired_s": get("layer_paired@1"),
+                   "dominant_layer": d, "dominant_s": get(f"layer@{d}") if d is not None else None,
+                   "dominant_paired_s": get(f"layer_paired@{d}") if d is not None else None,
+                   "lora_zo_s": get("lora_zo"), "sparse_mezo_s": get("sparse_mezo"), **sh["speedups"],
+                   "peak_vs_inference": {k: m.get("peak_vs_inference") for k, m in modes.items()}}
+            res["summary"].append(row)
+        print(f"{name}: built in {payload['build_s']:.1f} s, measured in {payload['wall_s']:.1f} s "
+              f"(budget {budget['models'][name]['total_s']:.0f} s)", flush=True)
+        write_json(out, res)
+    res["elapsed_s"] = time.perf_counter() - t0
+    write_json(out, res)
+    _print_paper_summary(res)
+    print(f"elapsed {res['elapsed_s']:.0f} s (budget {budget['total_s']:.0f} s, limit {limit_s:.0f} s); wrote {out}")
+    return 1 if failed else 0
+
+
+def _print_paper_summary(res: dict) -> None:
+    fmt = lambda x, f="{:.4f}": "-" if x is None else f.format(x)  # noqa: E731
+    print(f"device {res.get('device', '?')}, torch {res['torch']}, CUDA {res['cuda']}"
+          + (f", architectures scaled 1/{res['scaled']}" if res["scaled"] else ""))
+    for name, m in res["models"].items():
+        if "shapes" not in m:
+            continue
+        print(f"{name} ({m['dtype']}, {m['params_built'] / 1e9:.3f}B params, weights {m['weights_mb']:.0f} MB, "
+              f"dominant layer {m['dominant_layer']})")
+        for task, sh in m["shapes"].items():
+            sp = sh["speedups"]
+            print(f"  {task} batch {sh['batch'][0]}x{sh['batch'][1]}: dominant vs MeZO "
+                  f"{fmt(sp['dominant_speedup_vs_mezo'], '{:.2f}x')} (paired {fmt(sp['dominant_paired_speedup_vs_mezo'], '{:.2f}x')}), "
+                  f"layer 1 {fmt(sp['layer1_speedup_vs_mezo'], '{:.2f}x')}; paper {fmt(sp['paper_speedup_vs_mezo'], '{:.2f}x')}")
+            print(f"    {'mode':24s} {'s/step':>9s} {'vs MeZO':>8s} {'peak MB':>10s} {'vs inf':>7s}")
+            for key, r in sh["modes"].items():
+                if "s" not in r:
+                    print(f"    {key:24s} {r.get('error') or r.get('skipped')}")
+                    continue
+                print(f"    {key:24s} {r['s']:9.4f} {fmt(r['speedup_vs_mezo'], '{:.2f}x'):>8s} {r['peak_mb']:10.0f} "
+                      f"{fmt(r['peak_vs_inference'], '{:.3f}'):>7s}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True)
+    ap.add_argument("--model", default=None, help="the model folder (every mode but --paper-scale)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--probe", default=None, help="probe.json: also measure the probe's layer")
     ap.add_argument("--layers", type=int, nargs="*", default=[1])
-    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=None, help="timed steps per mode after one warm-up (default 5; "
+                                                             "--paper-scale: 3)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--threads", type=int, default=None)
@@ -339,7 +883,32 @@ def main(argv=None) -> int:
     ap.add_argument("--task", default=None, help="--scoring: the task's name (its objective and prompt)")
     ap.add_argument("--batch-size", type=int, default=8, help="--scoring: examples per batch")
     ap.add_argument("--max-len", type=int, default=256, help="--scoring: as train --max-len")
+    pa = ap.add_argument_group("--paper-scale: LLaMA2-7B and Qwen3-8B at their published shapes, random weights")
+    pa.add_argument("--paper-scale", action="store_true",
+                    help="time every method's ZO step on the paper's models built on the GPU (see above; `make gpu-bench`)")
+    pa.add_argument("--scaled", type=int, default=1, metavar="DIVISOR",
+                    help="--paper-scale: widths divided by DIVISOR (same depth and vocabulary), for CPU: fp32")
+    pa.add_argument("--models", nargs="+", choices=sorted(PAPER_MODELS), default=list(PAPER_MODELS))
+    pa.add_argument("--tasks", nargs="+", choices=sorted(PAPER_SPEEDUP), default=list(PAPER_SPEEDUP),
+                    help="--paper-scale: MeZO's batches of these tasks (paper_shape)")
+    pa.add_argument("--time-limit", type=float, default=PAPER_LIMIT_S,
+                    help="--paper-scale: seconds from the start after which no new mode starts (the JSON says which)")
+    pa.add_argument("--dominant", nargs="*", default=[], metavar="MODEL=LAYER",
+                    help="--paper-scale: a model's dominant layer (else its probe.json under --probe-dir, else the "
+                         "paper's: LLaMA2-7B 1)")
+    pa.add_argument("--probe-dir", default="results/probe", help="--paper-scale: <dir>/<model>/probe.json")
     a = ap.parse_args(argv)
+    if a.paper_scale:
+        try:
+            pinned = {k: int(v) for k, v in (x.split("=", 1) for x in a.dominant)}
+        except ValueError:
+            ap.error("--dominant takes MODEL=LAYER, e.g. qwen3-8b=3")
+        return paper_scale_bench(a.models, a.tasks, 3 if a.steps is None else a.steps, a.scaled, a.device, a.out,
+                                 a.threads, a.sparsity, a.time_limit, pinned, a.probe_dir)
+    if not a.model:
+        ap.error("--model is required (except with --paper-scale)")
+    if a.steps is None:
+        a.steps = 5
     if a.scoring and not (a.data and a.task):
         ap.error("--scoring needs --data <prepared task folder> and --task <name>")
     layers = list(a.layers)
