@@ -80,6 +80,7 @@ def squad_data(tmp_path_factory):
 # rest, so neither waits long at the end. (xdist_group/--dist loadgroup would be finer, but pytest-xdist 3.8
 # does not group under pytest 9.) A name not collected is passed over.
 LONGEST_FIRST = [
+    "test_rehearsal.py::test_rehearsal_twin_runs_every_method_through_the_tables",
     "test_workflow.py::test_tiny_dag_runs_and_second_run_has_nothing_to_do",
     "test_workflow.py::test_tiny_dag_report_has_every_table_and_figure",
     "test_workflow.py::test_tiny_dag_results_carry_their_provenance",
@@ -87,6 +88,7 @@ LONGEST_FIRST = [
     "test_workflow_slurm.py::test_tiny_dag_through_the_slurm_executor_plugin",
     "test_interrupt.py::test_interrupted_job_finishes_identically",
     "test_bench.py::test_every_mode_measures",
+    "test_bench.py::test_paper_scale_scaled_cpu_run",
     "test_train.py::test_sigterm_then_resume_is_bit_identical",
     "test_reference_replay.py::test_replay_rescores_a_committed_run",
     "test_models.py::test_gguf_package_conversion_is_deterministic",

