@@ -81,9 +81,16 @@ def magnitude_mask(p: torch.Tensor, sparsity: float) -> torch.Tensor:
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
     k = max(1, math.ceil((1.0 - sparsity) * p.numel()))
-    h = _kth_magnitude(p.detach(), k)  # a value of the tensor itself, so exact in its dtype
     w = p.detach()
-    return (w <= h) & (w >= -h)
+    h = _kth_magnitude(w, k)  # a value of the tensor itself, so exact in its dtype
+    if not w.is_contiguous():
+        return (w <= h) & (w >= -h)
+    # chunk by chunk into the mask itself: (w <= h) & (w >= -h) whole would hold three tensor-sized temporaries
+    mask = torch.empty(w.shape, dtype=torch.bool, device=w.device)
+    flat, out = w.view(-1), mask.view(-1)
+    for b, e in _chunks(flat.numel(), CHUNK):
+        torch.le(flat[b:e], h, out=out[b:e]).logical_and_(flat[b:e] >= -h)
+    return mask
 
 
 def _kth_magnitude(w: torch.Tensor, k: int, chunk: int = CHUNK) -> float:
