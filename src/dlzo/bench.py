@@ -53,7 +53,7 @@ models): SST-2 one sequence per candidate (MeZO's train_as_classification), 32 x
 the gold answer only (an "lm" objective), 16 x 21, 5 scored tokens. Per model and batch, seconds per step and
 peak memory of: inference; mezo_faithful_full (``MezoLiteral``: MeZO's four draws of z and out-of-place
 arithmetic, full logits at every position); full (ours: fused, three draws); sparse_mezo (the pipeline's, 75%
-frozen; the magnitude threshold estimated on the GPU from a sample: ``sampled_magnitude_masks``); layer@i and
+frozen, its exact magnitude masks selected on the GPU); layer@i and
 layer_paired@i (single-layer ZO without / with the paired suffix) and floor@i for i = 1 and the dominant layer
 (``--dominant``, else ``--probe-dir``/<model>/probe.json, else the paper's: LLaMA2-7B's is 1; Qwen3-8B's is not
 known: layer 1 only); lora_zo (r 8, alpha 16 on q_proj and v_proj in every layer, exact restore). Ratios:
@@ -109,7 +109,7 @@ def _worker(mode: str, model_dir: str, layer: int, shape: tuple[int, int], devic
     """One mode in its own process (its peak memory is its own): set up, say "ready", then time one step
     per "step" message; on "stop", report peak memory and what was tuned."""
     from dlzo.models import load_model, tuned_parameters
-    from dlzo.tuning import amp_context, weights_dtype, zo_optimizer
+    from dlzo.tuning import amp_context, weights_dtype
     from dlzo.objectives import FrozenPrefix, loss
     from dlzo.runtime import peak_memory_mb, pick_device, set_threads
     from dlzo.train import fo_step, zo_step
@@ -167,10 +167,7 @@ def _worker(mode: str, model_dir: str, layer: int, shape: tuple[int, int], devic
         else:
             named = list(model.named_parameters())
             restore = "mezo" if mode in ("mezo_faithful_full", "mezo_full", "sparse_mezo") else "fused"
-        if mode == "mezo_faithful_full":  # MeZO's out-of-place arithmetic and allocations (dlzo.zo's are in place)
-            opt = MezoLiteral(param_groups(named, 0.0), lr=1e-6, eps=1e-3, weight_decay=0.0, seed=0, restore="mezo")
-        else:
-            opt = zo_optimizer(named, 1e-6, 1e-3, 0.0, 0, restore, sparsity if mode == "sparse_mezo" else None)
+        opt = _zo_optimizer(mode, named, restore, sparsity)
         ckpt = named
         if mode == "sparse_mezo":
             tuned = sum(int(m.sum()) for g in opt.param_groups for m in g["masks"])
@@ -434,27 +431,16 @@ def paper_modes(layers: list[int]) -> list[tuple[str, str, int | None]]:
     return modes + [("lora_zo", "lora_zo", None)]
 
 
-@torch.no_grad()
-def sampled_magnitude_masks(groups: list[dict], sparsity: float, sample: int = 1 << 20, seed: int = 0) -> None:
-    """Sparse-MeZO's masks with each tensor's threshold estimated on its device from a random sample of
-    ``sample`` entries (``dlzo.zo.magnitude_mask`` selects exactly, on the host: a minute or two per 8B model,
-    set-up cost only). A step's time and memory depend on there being a mask, not on which weights it keeps."""
-    import math
+def _zo_optimizer(mode: str, named, restore: str, sparsity: float):
+    """A ZO mode's optimizer: MeZO's own for mezo_faithful_full (``MezoLiteral``: its out-of-place arithmetic and
+    allocations, where dlzo.zo's are in place), else the pipeline's (dlzo.tuning; sparse_mezo with its exact
+    magnitude masks, selected chunk by chunk on the tensors' device)."""
+    from dlzo.tuning import zo_optimizer
+    from dlzo.zo import param_groups
 
-    for g in groups:
-        masks = []
-        for p in g["params"]:
-            w = p.detach().reshape(-1)
-            if w.numel() > sample:
-                gen = torch.Generator(device=w.device)
-                gen.manual_seed(seed)
-                w = w[torch.randint(0, w.numel(), (sample,), device=w.device, generator=gen)]
-            mag = w.float().abs()
-            k = max(1, math.ceil((1.0 - sparsity) * mag.numel()))
-            h = float(mag.kthvalue(k).values)
-            q = p.detach()
-            masks.append((q <= h) & (q >= -h))
-        g["masks"] = masks
+    if mode == "mezo_faithful_full":
+        return MezoLiteral(param_groups(named, 0.0), lr=1e-6, eps=1e-3, weight_decay=0.0, seed=0, restore="mezo")
+    return zo_optimizer(named, 1e-6, 1e-3, 0.0, 0, restore, sparsity if mode == "sparse_mezo" else None)
 
 
 class MezoLiteral(ZOSGD):
@@ -528,7 +514,6 @@ def _paper_setup(mode: str, layer: int | None, model, batch, sparsity: float):
     from dlzo.objectives import FrozenPrefix, loss
     from dlzo.train import zo_step
     from dlzo.tuning import zo_optimizer
-    from dlzo.zo import param_groups
 
     prefix = None
     if mode in ("layer", "layer_paired", "floor"):
@@ -549,12 +534,7 @@ def _paper_setup(mode: str, layer: int | None, model, batch, sparsity: float):
         opt = zo_optimizer(named, 1e-4, 1e-2, 0.0, 0, "exact")
     else:
         named = list(model.named_parameters())
-        restore = "fused" if mode == "full" else "mezo"
-        groups = param_groups(named, 0.0)
-        if mode == "sparse_mezo":  # as the pipeline runs it (dlzo.zo's restore="mezo"), with magnitude masks
-            sampled_magnitude_masks(groups, sparsity)
-        cls = MezoLiteral if mode == "mezo_faithful_full" else ZOSGD
-        opt = cls(groups, lr=1e-6, eps=1e-3, weight_decay=0.0, seed=0, restore=restore)
+        opt = _zo_optimizer(mode, named, "fused" if mode == "full" else "mezo", sparsity)
     tuned = (sum(int(m.sum()) for g in opt.param_groups for m in g["masks"]) if mode == "sparse_mezo"
              else sum(p.numel() for _, p in named))
     if mode == "mezo_faithful_full":  # MeZO's loss: the model's labels path, full logits at every position

@@ -1,9 +1,11 @@
 # The run table (every training run the config asks for, built once), input functions that look values up
 # in it, the rules' shared settings, and the config checks the JSON schema cannot express. Method names,
 # grid tags and result paths come from dlzo.methods and dlzo.layout (torch-free, imported from src/).
+import functools
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 from snakemake.exceptions import WorkflowError
 
@@ -377,17 +379,21 @@ def _resource_keys():
     return sorted(keys)
 
 
+@functools.lru_cache(maxsize=None)
+def _job_resources(rule_name, wildcards, attempt):
+    """A job's resources, sized once (Snakemake asks for each key separately)."""
+    w = SimpleNamespace(**dict(wildcards))
+    try:
+        return C.job_resources(sizing_job(rule_name, w), config.get("cluster"), resource_overrides(rule_name, w.model),
+                               attempt)
+    except DLZOError as err:
+        raise WorkflowError(str(err))
+
+
 def gpu_resources(rule_name):
     """``resources:`` of a GPU rule's jobs: one callable per key (a key the job does not set is None: unset)."""
     def value(key):
-        def get(w, attempt):
-            job = sizing_job(rule_name, w)
-            try:
-                res = C.job_resources(job, config.get("cluster"), resource_overrides(rule_name, w.model), attempt)
-            except DLZOError as err:
-                raise WorkflowError(str(err))
-            return res.get(key)
-        return get
+        return lambda w, attempt: _job_resources(rule_name, tuple(sorted(w.items())), attempt).get(key)
     return {key: value(key) for key in _resource_keys()}
 
 
