@@ -1,4 +1,5 @@
 """ZO-SGD: MeZO's SPSA step on any parameter set, exact restores, replay, and the gradient it estimates."""
+import copy
 import math
 
 import pytest
@@ -257,7 +258,7 @@ def test_masked_groups_draw_the_same_z_and_move_only_the_mask(restore):
     model, loss = quad_model()
     named = list(model.named_parameters())
     groups = param_groups(named, 0.1, sparsity=0.5)
-    masks = {id(p): m for g in groups for p, m in zip(g["params"], g["masks"])}
+    masks = {id(p): m.tensor() for g in groups for p, m in zip(g["params"], g["masks"])}
     plain = ZOSGD(param_groups(named, 0.1), lr=1e-2, eps=1e-3, weight_decay=0.1, seed=9, restore=restore)
     opt = ZOSGD(groups, lr=1e-2, eps=1e-3, weight_decay=0.1, seed=9, restore=restore)
     for p, q, z_plain, z in zip(plain.tensors(), opt.tensors(), plain.draw(0), opt.draw(0)):
@@ -328,7 +329,7 @@ def test_mezo_restore_in_place_by_chunks_is_mezo_bit_for_bit(dtype, wd, sparsity
     named_b = [(n, dict(model_b.named_parameters())[n]) for n in order]
     masks = {}
     if sparsity is not None:
-        by_id = {id(p): m for g in groups for p, m in zip(g["params"], g["masks"])}
+        by_id = {id(p): m.tensor() for g in groups for p, m in zip(g["params"], g["masks"])}
         masks = {n: by_id[id(q)] for n, q in model_a.named_parameters()}
     opt = ZOSGD(groups, lr=0.05, eps=1e-2, weight_decay=wd, seed=5, restore="mezo")
     opt.chunk = chunk
@@ -379,3 +380,73 @@ def test_magnitude_mask_leaves_the_weights_as_they_are():
         before = w.clone()
         mask = magnitude_mask(w, 0.6)
         assert torch.equal(w, before) and int(mask.sum()) >= 2000  # ties at the threshold (bf16) count too
+
+
+def test_bitmask_packs_and_unpacks_every_span():
+    """Sparse-MeZO's masks are kept one bit an element: every span read back is the bool mask's, whatever the
+    tensor's size (not a multiple of 8 or of the chunk), its dtype or the chunk the spans are cut by."""
+    from dlzo.zo import BitMask, _chunks, magnitude_mask, magnitude_masks
+
+    gen = torch.Generator().manual_seed(3)
+    for n in (1, 7, 8, 9, 15, 16, 17, 100, 1000, 4099):
+        mask = torch.rand(n, generator=gen) < 0.3
+        for chunk in (16, 48, 1 << 20):
+            bm = BitMask.pack(mask.view(-1, 1) if n % 2 else mask, chunk=chunk)
+            assert bm.bits.numel() == (n + 7) // 8 and bm.numel() == n
+            assert torch.equal(bm.tensor().reshape(-1), mask) and bm.count(chunk=chunk) == int(mask.sum())
+            for b, e in _chunks(n, 16):
+                assert torch.equal(bm.chunk(b, e), mask[b:e]), (n, chunk, b, e)
+            z = torch.randn(n, generator=gen)
+            assert torch.equal(bm.mul_into(z.clone().view(bm.shape), chunk=chunk).reshape(-1), z * mask)
+            for dtype in (torch.float32, torch.bfloat16):  # unpacked in the multiplied dtype: the same product
+                got = bm.chunk(0, n, dtype)
+                assert got.dtype == dtype and torch.equal(z.to(dtype) * got, z.to(dtype) * mask)
+    with pytest.raises(ValueError, match="starts on a byte"):
+        BitMask.pack(torch.ones(20, dtype=torch.bool)).chunk(4, 12)
+    with pytest.raises(ValueError, match="needs 3 uint8 bytes"):
+        BitMask(torch.zeros(2, dtype=torch.uint8), (17,))
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        ws = [torch.randn(*s, generator=gen).to(dtype) for s in ((37, 11), (5,), (64, 64), (3, 7, 9))]
+        ws.append(torch.randn(40, 30, generator=gen).to(dtype).t())  # not contiguous
+        packed = magnitude_masks(ws, 0.75)
+        assert len({m.bits.untyped_storage().data_ptr() for m in packed}) == 1  # one buffer for all
+        for w, m in zip(ws, packed):
+            want = magnitude_mask(w, 0.75)
+            assert m.shape == w.shape and torch.equal(m.tensor(), want), (dtype, w.shape)
+            assert torch.equal(magnitude_mask(w, 0.75, packed=True).tensor(), want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("restore", ["mezo", "exact", "fused"])
+def test_packed_and_bool_masks_take_the_same_steps(restore, dtype):
+    """A group's masks as BitMasks (param_groups) or as the bool tensors they pack: the same bits after steps
+    with weight decay (a BitMask is unpacked in the weights' dtype), on a tensor whose size is no multiple of 8
+    and cut into chunks of 16, and on one that is not contiguous; and only the masked weights move."""
+    from dlzo.zo import magnitude_mask
+
+    runs = []
+    for packed in (True, False):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(13, 7), nn.LayerNorm(7), nn.Linear(7, 3))  # 91 weights: 6 spans of 16
+        # one tensor not contiguous: drawn and masked whole (as every tensor is on a GPU)
+        model[2].weight = nn.Parameter(torch.randn(3, 7).t().contiguous().t())
+        model.to(dtype)
+        x, y = torch.randn(8, 13, dtype=dtype), torch.randn(8, 3, dtype=dtype)
+        loss = lambda: float(((model(x) - y) ** 2).mean())  # noqa: E731
+        before = copy.deepcopy(model)
+        groups = param_groups(model.named_parameters(), 0.1, sparsity=0.6)
+        if not packed:
+            for g in groups:
+                g["masks"] = [magnitude_mask(p, 0.6) for p in g["params"]]
+        opt = ZOSGD(groups, lr=1e-2, eps=1e-3, weight_decay=0.1, seed=4, restore=restore)
+        opt.chunk = 16
+        for _ in range(4):
+            opt.step(loss)
+        runs.append(snapshot(model))
+    assert not model[2].weight.is_contiguous()
+    for n in runs[0]:
+        assert torch.equal(runs[0][n], runs[1][n]), n
+    fresh = dict(zip(runs[0], (p.detach() for p in before.parameters())))
+    for n, w in runs[0].items():
+        m = magnitude_mask(fresh[n], 0.6)
+        assert torch.equal(w[~m], fresh[n][~m]) and (w[m] != fresh[n][m]).any(), n

@@ -25,7 +25,7 @@ hits every mode alike.
 The memory comparison of the paper's methods, each step as the pipeline runs it, at the same batch:
 inference, mezo-full (MeZO's step with its trainer's arithmetic bit for bit, the default ``--restore mezo``:
 run in place, chunk by chunk), mezo-full-fused (in place with one draw of z less, ``--restore fused``),
-sparse-mezo (mezo-full with fixed magnitude masks, one byte a parameter), dominant-layer ZO (``layer-<i>``: exact restore, frozen prefix cached), fo-adamw
+sparse-mezo (mezo-full with fixed magnitude masks, one bit a parameter), dominant-layer ZO (``layer-<i>``: exact restore, frozen prefix cached), fo-adamw
 (backprop + AdamW on every parameter) and fo-layer-<i> (AdamW on layer i only). Per method:
 ``peak_mb`` (for the tuned methods after the steps and then writing their checkpoint as dlzo.train does,
 ``step_peak_mb`` the peak before the write, ``checkpoint_mb`` its size), ``vs_inference`` = peak_mb / inference's, and ``vs_inference_net``, the same ratio after
@@ -170,7 +170,7 @@ def _worker(mode: str, model_dir: str, layer: int, shape: tuple[int, int], devic
         opt = _zo_optimizer(mode, named, restore, sparsity)
         ckpt = named
         if mode == "sparse_mezo":
-            tuned = sum(int(m.sum()) for g in opt.param_groups for m in g["masks"])
+            tuned = sum(m.count() for g in opt.param_groups for m in g["masks"])
         elif prefix is not None:
             tuned = sum(p.numel() for _, p in named)
 
@@ -535,7 +535,7 @@ def _paper_setup(mode: str, layer: int | None, model, batch, sparsity: float):
     else:
         named = list(model.named_parameters())
         opt = _zo_optimizer(mode, named, "fused" if mode == "full" else "mezo", sparsity)
-    tuned = (sum(int(m.sum()) for g in opt.param_groups for m in g["masks"]) if mode == "sparse_mezo"
+    tuned = (sum(m.count() for g in opt.param_groups for m in g["masks"]) if mode == "sparse_mezo"
              else sum(p.numel() for _, p in named))
     if mode == "mezo_faithful_full":  # MeZO's loss: the model's labels path, full logits at every position
         labels = torch.full_like(batch.input_ids, -100)

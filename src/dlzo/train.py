@@ -541,7 +541,7 @@ class ZOStepper:
             mode = "tensors" if run.n_params <= SAVE_TENSORS_UP_TO else "replay"
         tuned = run.n_params
         if s.masks_at is not None:  # sparse-mezo tunes the weights its masks select
-            tuned = sum(int(m.sum()) for g in self.opt.param_groups for m in g["masks"])
+            tuned = sum(m.count() for g in self.opt.param_groups for m in g["masks"])
         tensors = {}
         if mode == "tensors":
             named = run.named

@@ -22,9 +22,9 @@ Two ways to restore theta between the perturbations:
 Both draw the same z from the same seed, so they follow the same trajectory up to rounding.
 
 Sparse-MeZO (Liu et al. 2024) is a parameter selection, not another optimizer: a param group may carry
-``masks`` (one bool tensor per parameter, ``magnitude_masks``), and z is multiplied by the mask right
-after it is drawn, so the same z stream perturbs and updates only the selected weights (the weight
-decay term too); every other weight keeps its bits.
+``masks`` (one per parameter, ``magnitude_mask``: a ``BitMask``, one bit an element, or a bool tensor), and z
+is multiplied by the mask right after it is drawn, so the same z stream perturbs and updates only the
+selected weights (the weight decay term too); every other weight keeps its bits.
 
 A run is fully described by the base model and its list of (seed, g, lr) per step: ``replay``
 rebuilds the tuned weights bit-identically on the same device type.
@@ -71,12 +71,116 @@ def step_seed(run_seed: int, step: int) -> int:
     return int(np.random.SeedSequence([int(run_seed), int(step)]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
+_UNPACK: dict = {}
+
+
+def _unpack_table(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(256, 8): row v holds the bits of byte v, lowest first, as 0 and 1 in ``dtype``."""
+    key = (device, dtype)
+    if key not in _UNPACK:
+        v = torch.arange(256, device=device).unsqueeze(-1)
+        _UNPACK[key] = v.bitwise_right_shift(torch.arange(8, device=device)).bitwise_and_(1).to(dtype)
+    return _UNPACK[key]
+
+
+class BitMask:
+    """A bool mask of a tensor's shape kept one bit an element (``bits``: uint8, element i of the flattened
+    tensor is bit i % 8 of byte i // 8). Sparse-MeZO's masks as bool tensors cost a byte a parameter, a quarter
+    of fp32 weights, which alone would lift full-model ZO 14% above inference memory; packed they cost 1/32.
+    ``chunk(b, e)`` unpacks a span (b a multiple of 8), ``tensor()`` the whole mask, ``count()`` its Trues."""
+
+    def __init__(self, bits: torch.Tensor, shape):
+        self.shape = torch.Size(shape)
+        if bits.dtype != torch.uint8 or bits.numel() != (self.shape.numel() + 7) // 8:
+            raise ValueError(f"BitMask of shape {tuple(self.shape)} needs {(self.shape.numel() + 7) // 8} uint8 "
+                             f"bytes, got {bits.numel()} {bits.dtype}")
+        self.bits = bits
+
+    @property
+    def device(self) -> torch.device:
+        return self.bits.device
+
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    @classmethod
+    @torch.no_grad()
+    def pack(cls, mask: torch.Tensor, chunk: int = CHUNK) -> "BitMask":
+        """The BitMask of a bool tensor, packed chunk by chunk."""
+        out = cls(torch.empty((mask.numel() + 7) // 8, dtype=torch.uint8, device=mask.device), mask.shape)
+        flat = mask.reshape(-1)
+        spans = _chunks(flat.numel(), chunk)
+        size = max((e - b for b, e in spans), default=0)
+        buf = torch.empty(size + (-size) % 8, dtype=torch.bool, device=mask.device)
+        for b, e in spans:
+            n = e - b
+            buf[:n].copy_(flat[b:e])
+            out._pack_into(b, buf[:n + (-n) % 8], n)
+        return out
+
+    def _pack_into(self, b: int, m: torch.Tensor, n: int | None = None) -> None:
+        """Write the mask of elements [b, b + n) from the bool span ``m`` (b a multiple of 8; n defaults to
+        len(m)). A ``m`` padded to whole bytes is used in place (its padding is cleared and it is overwritten)."""
+        n = m.numel() if n is None else n
+        if m.numel() % 8:  # the tensor's last span: pad to whole bytes with False
+            m = torch.cat([m, m.new_zeros(8 - m.numel() % 8)])
+        m[n:] = False
+        u = m.view(torch.uint8).view(-1, 8)  # 0/1 bytes, shifted in place to their bit
+        u.bitwise_left_shift_(torch.arange(8, dtype=torch.uint8, device=m.device))
+        torch.sum(u, dim=1, dtype=torch.uint8, out=self.bits[b // 8:(b + n + 7) // 8])
+
+    def chunk(self, b: int, e: int, dtype: torch.dtype = torch.bool, out: torch.Tensor | None = None,
+              index: torch.Tensor | None = None) -> torch.Tensor:
+        """The mask of flattened elements [b, e) (b a multiple of 8) as a ``dtype`` tensor of 0 and 1: a bool
+        mask, or the mask in the dtype of what it multiplies (``x * mask`` is then the same bits as with the
+        bool mask, and a same-dtype multiply is several times faster on CPU). Unpacked by a 256-row lookup
+        table into ``out`` (a flat ``dtype`` buffer, uint8 for bool, of at least e - b rounded up to whole
+        bytes) with ``index`` (int64, the bytes) when given: buffers reused from chunk to chunk."""
+        if b % 8:
+            raise ValueError(f"BitMask.chunk starts on a byte: got {b}")
+        byte = self.bits[b // 8:(e + 7) // 8]
+        nb = byte.numel()
+        kind = torch.uint8 if dtype == torch.bool else dtype
+        idx = byte.long() if index is None else index[:nb].copy_(byte)
+        got = torch.index_select(_unpack_table(byte.device, kind), 0, idx,
+                                 out=None if out is None else out[:nb * 8].view(nb, 8))
+        got = got.view(-1)[:e - b]
+        return got.view(torch.bool) if dtype == torch.bool else got  # 0/1 bytes are valid bools: a view
+
+    def tensor(self) -> torch.Tensor:
+        """The whole mask, as a bool tensor of the tensor's shape."""
+        return self.chunk(0, self.numel()).view(self.shape)
+
+    def _spans(self, chunk: int, dtype: torch.dtype = torch.bool):
+        """(b, e, the mask of [b, e) as ``dtype``) chunk by chunk, unpacked into one reused buffer."""
+        spans = _chunks(self.numel(), chunk)
+        size = max((e - b + 7) // 8 * 8 for b, e in spans)
+        buf = torch.empty(size, dtype=torch.uint8 if dtype == torch.bool else dtype, device=self.device)
+        index = torch.empty(size // 8, dtype=torch.int64, device=self.device)
+        for b, e in spans:
+            yield b, e, self.chunk(b, e, dtype, buf, index)
+
+    def mul_into(self, t: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:
+        """``t.mul_(mask)`` for a contiguous ``t`` of the mask's shape, unpacking one chunk at a time."""
+        flat = t.view(-1)
+        for b, e, m in self._spans(chunk, t.dtype):
+            flat[b:e].mul_(m)
+        return t
+
+    def count(self, chunk: int = CHUNK) -> int:
+        """How many elements the mask selects."""
+        return sum(int(m.sum()) for _, _, m in self._spans(chunk))
+
+
 @torch.no_grad()
-def magnitude_mask(p: torch.Tensor, sparsity: float) -> torch.Tensor:
+def magnitude_mask(p: torch.Tensor, sparsity: float, packed: bool = False,
+                   out: BitMask | None = None) -> torch.Tensor | BitMask:
     """Sparse-MeZO's selection in one tensor: True where |w| <= h, h the (1 - sparsity)-quantile of |w|.
 
     ``sparsity`` is the fraction of the tensor left frozen: 0.75 tunes the 25% smallest-magnitude
-    weights (ties at h are all tuned). A pure function of the weights, so replay rebuilds it.
+    weights (ties at h are all tuned). A pure function of the weights, so replay rebuilds it. A bool tensor,
+    or with ``packed`` a ``BitMask`` (one bit an element; written into ``out`` when given), built chunk by
+    chunk either way.
     """
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
@@ -84,13 +188,36 @@ def magnitude_mask(p: torch.Tensor, sparsity: float) -> torch.Tensor:
     w = p.detach()
     h = _kth_magnitude(w, k)  # a value of the tensor itself, so exact in its dtype
     if not w.is_contiguous():
-        return (w <= h) & (w >= -h)
+        mask = (w <= h) & (w >= -h)
+        if not packed:
+            return mask
+        if out is None:
+            return BitMask.pack(mask)
+        out.bits.copy_(BitMask.pack(mask).bits)
+        return out
     # chunk by chunk into the mask itself: (w <= h) & (w >= -h) whole would hold three tensor-sized temporaries
-    mask = torch.empty(w.shape, dtype=torch.bool, device=w.device)
-    flat, out = w.view(-1), mask.view(-1)
-    for b, e in _chunks(flat.numel(), CHUNK):
-        torch.le(flat[b:e], h, out=out[b:e]).logical_and_(flat[b:e] >= -h)
-    return mask
+    flat = w.view(-1)
+    spans = _chunks(flat.numel(), CHUNK)
+    if not packed:
+        mask = torch.empty(w.shape, dtype=torch.bool, device=w.device)
+        out = mask.view(-1)
+        for b, e in spans:
+            torch.le(flat[b:e], h, out=out[b:e]).logical_and_(flat[b:e] >= -h)
+        return mask
+    # packed: two span-sized bool buffers reused across the spans
+    if out is None:
+        out = BitMask(torch.empty((flat.numel() + 7) // 8, dtype=torch.uint8, device=w.device), w.shape)
+    elif out.shape != w.shape or out.device != w.device:
+        raise ValueError(f"BitMask of shape {tuple(out.shape)} on {out.device} for a tensor of shape "
+                         f"{tuple(w.shape)} on {w.device}")
+    size = max(e - b for b, e in spans)
+    buf = torch.empty(2, size + (-size) % 8, dtype=torch.bool, device=w.device)
+    for b, e in spans:
+        n = e - b
+        m, ge = buf[0, :n], buf[1, :n]
+        torch.le(flat[b:e], h, out=m).logical_and_(torch.ge(flat[b:e], -h, out=ge))
+        out._pack_into(b, buf[0, :n + (-n) % 8], n)
+    return out
 
 
 def _kth_magnitude(w: torch.Tensor, k: int, chunk: int = CHUNK) -> float:
@@ -119,13 +246,26 @@ def _kth_magnitude(w: torch.Tensor, k: int, chunk: int = CHUNK) -> float:
     return float(torch.tensor([(hi << 16) | lo], dtype=torch.int32).view(torch.float32)[0])
 
 
+def _masked(t: torch.Tensor, mask) -> torch.Tensor:
+    """``t.mul_(mask)`` for a bool tensor or a BitMask (unpacked a chunk at a time; t contiguous, as drawn)."""
+    if isinstance(mask, BitMask) and t.is_contiguous():
+        return mask.mul_into(t)
+    return t.mul_(mask.tensor() if isinstance(mask, BitMask) else mask)
+
+
+def _mask_span(mask, b: int, e: int, buf: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Flattened elements [b, e) of a bool mask, or of a BitMask unpacked into ``buf`` in its dtype (the dtype of
+    what it multiplies: the same product as the bool mask's)."""
+    return mask.chunk(b, e, buf.dtype, buf, index) if isinstance(mask, BitMask) else mask.reshape(-1)[b:e]
+
+
 def param_groups(named_params: Iterable[tuple[str, torch.nn.Parameter]], weight_decay: float,
                  sparsity: float | None = None) -> list[dict]:
     """Split into a decayed group and a no-decay group (biases, norm weights), order kept within each.
 
     MeZO goes by name ("bias", "layer_norm"); names differ across families, so 1-D tensors (every bias
     and norm weight) count as no-decay too. With ``sparsity`` (Sparse-MeZO), each group also carries
-    ``masks``: the magnitude mask of every tensor, computed now, from the weights as they are.
+    ``masks``: the magnitude mask of every tensor (a ``BitMask``), computed now, from the weights as they are.
     """
     decay, no_decay = [], []
     for name, p in named_params:
@@ -136,9 +276,27 @@ def param_groups(named_params: Iterable[tuple[str, torch.nn.Parameter]], weight_
         groups.append({"params": no_decay, "weight_decay": 0.0, "decay": False})
     groups = [g for g in groups if g["params"]]
     if sparsity is not None:
+        masks = iter(magnitude_masks([p for g in groups for p in g["params"]], sparsity))
         for g in groups:
-            g["masks"] = [magnitude_mask(p, sparsity) for p in g["params"]]
+            g["masks"] = [next(masks) for _ in g["params"]]
     return groups
+
+
+@torch.no_grad()
+def magnitude_masks(params: list[torch.Tensor], sparsity: float) -> list[BitMask]:
+    """``magnitude_mask(p, sparsity, packed=True)`` of every tensor, their bits in one buffer per device,
+    allocated before any mask is computed: allocated one by one between the computations' temporaries, the
+    small long-lived bit arrays fragment the CPU heap (SmolLM2-135M's masks left 110-175 MB resident there)."""
+    sizes = [(p.numel() + 7) // 8 for p in params]
+    buffers = {dev: torch.empty(sum(n for n, p in zip(sizes, params) if p.device == dev), dtype=torch.uint8,
+                                device=dev) for dev in dict.fromkeys(p.device for p in params)}
+    taken = dict.fromkeys(buffers, 0)
+    masks = []
+    for n, p in zip(sizes, params):
+        bits = buffers[p.device][taken[p.device]:taken[p.device] + n]
+        taken[p.device] += n
+        masks.append(magnitude_mask(p, sparsity, packed=True, out=BitMask(bits, p.shape)))
+    return masks
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -192,7 +350,7 @@ class ZOSGD(torch.optim.Optimizer):
         for group, p, mask, gen in self._seeded(seed):
             z = torch.randn(p.shape, generator=gen, device=p.device, dtype=p.dtype)
             if mask is not None:
-                z.mul_(mask)  # the full draw first: the generator advances as without a mask
+                _masked(z, mask)  # the full draw first: the generator advances as without a mask
             yield group, p, z, mask
 
     def tensors(self) -> list[torch.Tensor]:
@@ -230,9 +388,9 @@ class ZOSGD(torch.optim.Optimizer):
             p.add_(z, alpha=factor * eps)
 
     @staticmethod
-    def _decay(p: torch.Tensor, wd: float, mask: torch.Tensor | None) -> torch.Tensor:
+    def _decay(p: torch.Tensor, wd: float, mask) -> torch.Tensor:
         # masked: decay only the selected weights (at wd == 0 the term is +-0 anyway: no extra tensor)
-        return p * wd if mask is None or not wd else p * wd * mask
+        return p * wd if mask is None or not wd else _masked(p * wd, mask)
 
     @staticmethod
     def _apply_update(p: torch.Tensor, z: torch.Tensor, g: float, lr: float, wd: float, mask=None) -> None:
@@ -252,7 +410,7 @@ class ZOSGD(torch.optim.Optimizer):
         if decayed:
             term = torch.mul(p, wd, out=scratch) if scratch is not None else p * wd
             if mask is not None and wd:
-                term.mul_(mask)
+                _masked(term, mask)
             z.add_(term)
         p.sub_(z.mul_(lr))
 
@@ -265,6 +423,16 @@ class ZOSGD(torch.optim.Optimizer):
             bufs = self._buffers[key] = (torch.empty(n, device=device, dtype=dtype),
                                          torch.empty(n, device=device, dtype=dtype))
         return bufs[0][:n], bufs[1][:n]
+
+    def _mask_buffers(self, device: torch.device, dtype: torch.dtype, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reusable buffers for a BitMask's chunk of ``n`` elements unpacked in ``dtype``: the mask and its bytes
+        as int64 indices (``BitMask.chunk``)."""
+        n = (n + 7) // 8 * 8
+        bufs = self._buffers.get((device, dtype, "mask"))
+        if bufs is None or bufs[0].numel() < n:
+            bufs = self._buffers[(device, dtype, "mask")] = (torch.empty(n, dtype=dtype, device=device),
+                                                            torch.empty(n // 8, dtype=torch.int64, device=device))
+        return bufs
 
     @torch.no_grad()
     def _mezo_pass(self, seed: int, op) -> None:
@@ -282,18 +450,17 @@ class ZOSGD(torch.optim.Optimizer):
             if data.device.type != "cpu" or not data.is_contiguous():
                 z = torch.randn(data.shape, generator=gen, device=data.device, dtype=data.dtype)
                 if mask is not None:
-                    z.mul_(mask)
+                    _masked(z, mask)
                 op(group, data, z, mask, None)
                 del z
                 continue
             flat = data.view(-1)
-            mflat = mask.reshape(-1) if mask is not None else None
             for b, e in _chunks(flat.numel(), self.chunk):
                 z, scratch = self._scratch(flat.device, flat.dtype, e - b)
                 torch.randn(e - b, generator=gen, device=flat.device, dtype=flat.dtype, out=z)
                 m = None
-                if mflat is not None:
-                    m = mflat[b:e]
+                if mask is not None:
+                    m = _mask_span(mask, b, e, *self._mask_buffers(flat.device, flat.dtype, e - b))
                     z.mul_(m)
                 op(group, flat[b:e], z, m, scratch)
 
