@@ -247,9 +247,10 @@ def _kth_magnitude(w: torch.Tensor, k: int, chunk: int = CHUNK) -> float:
 
 
 def _masked(t: torch.Tensor, mask) -> torch.Tensor:
-    """``t.mul_(mask)`` for a bool tensor or a BitMask (unpacked a chunk at a time; t contiguous, as drawn)."""
+    """``t.mul_(mask)`` for a bool tensor or a BitMask (unpacked a chunk at a time; t contiguous, as drawn). On a
+    GPU the chunks are 16x larger: three kernels a chunk, and a 7B model holds 6.7k chunks of 1 M elements."""
     if isinstance(mask, BitMask) and t.is_contiguous():
-        return mask.mul_into(t)
+        return mask.mul_into(t, CHUNK if t.device.type == "cpu" else CHUNK << 4)
     return t.mul_(mask.tensor() if isinstance(mask, BitMask) else mask)
 
 
