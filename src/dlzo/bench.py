@@ -110,9 +110,9 @@ def _worker(mode: str, model_dir: str, layer: int, shape: tuple[int, int], devic
     per "step" message; on "stop", report peak memory and what was tuned."""
     from dlzo.models import load_model, tuned_parameters
     from dlzo.tuning import amp_context, weights_dtype
-    from dlzo.objectives import FrozenPrefix, loss
+    from dlzo.objectives import FrozenPrefix
     from dlzo.runtime import peak_memory_mb, pick_device, set_threads
-    from dlzo.train import fo_step, zo_step
+    from dlzo.train import fo_step
     from dlzo.zo import param_groups
 
     set_threads(threads)
@@ -126,29 +126,14 @@ def _worker(mode: str, model_dir: str, layer: int, shape: tuple[int, int], devic
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    # what MeZO's zo_forward computes: the model's own loss from labels (-100 except the answer tokens),
-    # i.e. logits over the whole vocabulary at every position, shifted and upcast by transformers
-    labels = torch.full_like(batch.input_ids, -100)
-    labels.view(-1)[batch.score_pos + 1] = batch.score_tok
-
-    def full_logits_loss():
-        return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=labels,
-                     use_cache=False).loss
-
-    prefix = None
-    if mode in ("layer", "layer_paired", "floor", "fo_layer"):
-        prefix = FrozenPrefix(model, layer, "dataset")
-        with torch.no_grad(), amp():
-            prefix.fill([batch])
-    tuned = model.num_parameters()
+    tuned = model.num_parameters()  # inference and floor: the model's, as the memory rows report them
     ckpt = None  # the tuned tensors a training run saves (train.save_tuned) after its steps
-    if mode == "inference":
-        run = lambda: loss(model, batch)  # noqa: E731
-    elif mode == "floor":
-        def run():
-            batch.memo.clear()
-            return loss(model, batch, prefix), loss(model, batch, prefix)
-    elif fo:  # dlzo.train's first-order step: forward (autocast on GPU), backward, clip, AdamW
+    if fo:  # dlzo.train's first-order step: forward (autocast on GPU), backward, clip, AdamW
+        prefix = None
+        if mode == "fo_layer":
+            prefix = FrozenPrefix(model, layer, "dataset")
+            with torch.no_grad(), amp():
+                prefix.fill([batch])
         named = tuned_parameters(model, FO_MODES[mode], layer)
         params = [p for _, p in named]
         for p in params:
@@ -161,24 +146,11 @@ def _worker(mode: str, model_dir: str, layer: int, shape: tuple[int, int], devic
             batch.memo.clear()
             with torch.enable_grad():
                 return fo_step(model, batch, prefix, opt, params, 1.0, amp)[0]
-    else:  # dlzo.train's ZO step, except MeZO's own (its loss through the full logits)
-        if mode in ("layer", "layer_paired"):
-            named, restore = list(prefix.layers[layer].named_parameters()), "exact"
-        else:
-            named = list(model.named_parameters())
-            restore = "mezo" if mode in ("mezo_faithful_full", "mezo_full", "sparse_mezo") else "fused"
-        opt = _zo_optimizer(mode, named, restore, sparsity)
-        ckpt = named
-        if mode == "sparse_mezo":
-            tuned = sum(m.count() for g in opt.param_groups for m in g["masks"])
-        elif prefix is not None:
-            tuned = sum(p.numel() for _, p in named)
-
-        def run():
-            batch.memo.clear()
-            if mode == "mezo_faithful_full":
-                return opt.step(full_logits_loss)
-            return zo_step(opt, model, batch, prefix, mode == "layer_paired")
+    else:  # the paper-scale bench's set-up of the same mode (dlzo.train's ZO step, except MeZO's own)
+        with torch.no_grad():
+            run, n_tuned, named, _held = _mode_setup(mode, layer, model, batch, sparsity)
+        if named:
+            tuned, ckpt = n_tuned, named
     conn.send("ready")
     with torch.no_grad():
         while conn.recv() == "step":  # the first step is warm-up (and allocates AdamW's states)
@@ -508,8 +480,11 @@ class _Peak:
         return peak_memory_mb(self.device)
 
 
-def _paper_setup(mode: str, layer: int | None, model, batch, sparsity: float):
-    """(run one step, parameters tuned, the objects to free) of a mode on ``model`` (lora_zo: the peft model)."""
+def _mode_setup(mode: str, layer: int | None, model, batch, sparsity: float):
+    """(run one step, parameters tuned, the (name, tensor) pairs tuned, the objects to free) of a mode that is
+    not first-order, on ``model`` (lora_zo: the peft model), for both benches. inference and floor tune nothing
+    (0, []); the ZO modes step as dlzo.train does (restore: exact for a layer or LoRA, fused for ``full``, MeZO's
+    in-place chunks for mezo_full and sparse_mezo), except mezo_faithful_full (MeZO's own, MezoLiteral)."""
     from dlzo.models import tuned_parameters
     from dlzo.objectives import FrozenPrefix, loss
     from dlzo.train import zo_step
@@ -520,12 +495,12 @@ def _paper_setup(mode: str, layer: int | None, model, batch, sparsity: float):
         prefix = FrozenPrefix(model, layer, "dataset")
         prefix.fill([batch])
     if mode == "inference":
-        return (lambda: loss(model, batch)), 0, []
+        return (lambda: loss(model, batch)), 0, [], []
     if mode == "floor":  # the two forward passes from the tuned layer on, nothing else
         def floor():
             batch.memo.clear()
             return loss(model, batch, prefix), loss(model, batch, prefix)
-        return floor, 0, [prefix]
+        return floor, 0, [], [prefix]
     if mode in ("layer", "layer_paired"):
         named = list(prefix.layers[layer].named_parameters())
         opt = zo_optimizer(named, 1e-6, 1e-3, 0.0, 0, "exact")
@@ -537,19 +512,20 @@ def _paper_setup(mode: str, layer: int | None, model, batch, sparsity: float):
         opt = _zo_optimizer(mode, named, "fused" if mode == "full" else "mezo", sparsity)
     tuned = (sum(m.count() for g in opt.param_groups for m in g["masks"]) if mode == "sparse_mezo"
              else sum(p.numel() for _, p in named))
-    if mode == "mezo_faithful_full":  # MeZO's loss: the model's labels path, full logits at every position
+    if mode == "mezo_faithful_full":  # what MeZO's zo_forward computes: the model's own loss from labels (-100
+        # except the answer tokens), i.e. logits over the whole vocabulary at every position, shifted and upcast
         labels = torch.full_like(batch.input_ids, -100)
         labels.view(-1)[batch.score_pos + 1] = batch.score_tok
 
         def full_logits_loss():
             return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=labels,
                          use_cache=False).loss
-        return (lambda: opt.step(full_logits_loss)), tuned, [opt, labels]
+        return (lambda: opt.step(full_logits_loss)), tuned, named, [opt, labels]
 
     def step():
         batch.memo.clear()
         return zo_step(opt, model, batch, prefix, mode == "layer_paired")
-    return step, tuned, [opt, prefix]
+    return step, tuned, named, [opt, prefix]
 
 
 def _paper_worker(name: str, divisor: int, device_name: str, steps: int, tasks: list[str], layers: list[int],
@@ -610,7 +586,7 @@ def _paper_model(name, divisor, device_name, steps, tasks, layers, sparsity, thr
                 held = []
                 try:
                     peak.reset()
-                    run, tuned, held = _paper_setup(mode, layer, target, batches[t], sparsity)
+                    run, tuned, _named, held = _mode_setup(mode, layer, target, batches[t], sparsity)
                     setup_s = time.perf_counter() - t_mode
                     peak.reset()  # after set-up: what the mode keeps is live and counted, its set-up transients not
                     times = []
