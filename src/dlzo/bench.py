@@ -88,15 +88,9 @@ FO_MODES = {"fo_full": "fo-full", "fo_layer": "fo-layer"}  # first-order modes -
 
 
 def _batch(tokenizer_vocab: int, n: int, t: int, device, seed: int = 0):
-    from dlzo.objectives import Batch
-
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, tokenizer_vocab, (n, t), generator=gen)
-    pos = torch.arange(n) * t + (t - 2)  # one scored token per sequence (the candidate), as SST-2
-    tok = ids[:, t - 1]
-    return Batch(ids.to(device), torch.ones_like(ids).to(device), pos.to(device), tok.to(device),
-                 torch.arange(n, device=device), [], torch.zeros(0, dtype=torch.long, device=device), "lm",
-                 keys=[(i, 0) for i in range(n)])
+    """n random sequences of t tokens, each scoring its last token (one candidate per sequence, as SST-2)."""
+    return _paper_batch(tokenizer_vocab, {"sequences": n, "tokens": t, "scored_per_seq": 1, "objective": "lm"},
+                        device, seed)
 
 
 def _sync(device):

@@ -114,21 +114,15 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     return rows
 
 
-# safetensors' dtype names, in the order its writer lays tensors out (largest first: its Dtype enum, descending)
-_ST_DTYPES = ("U64", "I64", "F64", "F32", "U32", "I32", "BF16", "F16", "U16", "I16", "F8_E4M3", "F8_E5M2", "I8", "U8",
-              "BOOL")
-
-
-def _st_dtype(t) -> str:
+def _st_dtypes() -> dict:
+    """torch dtype -> safetensors' name, in the order its writer lays tensors out (largest first: its Dtype enum,
+    descending)."""
     import torch
 
-    names = {torch.uint64: "U64", torch.int64: "I64", torch.float64: "F64", torch.float32: "F32",
-             torch.uint32: "U32", torch.int32: "I32", torch.bfloat16: "BF16", torch.float16: "F16",
-             torch.uint16: "U16", torch.int16: "I16", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
-             torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
-    if t.dtype not in names:
-        raise DLZOError(f"write_safetensors: no safetensors dtype for {t.dtype}")
-    return names[t.dtype]
+    return {torch.uint64: "U64", torch.int64: "I64", torch.float64: "F64", torch.float32: "F32",
+            torch.uint32: "U32", torch.int32: "I32", torch.bfloat16: "BF16", torch.float16: "F16",
+            torch.uint16: "U16", torch.int16: "I16", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+            torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
 
 
 def write_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str] | None = None) -> None:
@@ -148,11 +142,15 @@ def write_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict[str
 
     if sys.byteorder != "little":
         raise DLZOError("write_safetensors writes raw little-endian bytes: use safetensors.torch.save_file here")
+    names = _st_dtypes()
+    rank = {dtype: i for i, dtype in enumerate(names)}
     items = []
     for name, t in tensors.items():
         if not isinstance(t, torch.Tensor) or t.layout != torch.strided:
             raise DLZOError(f"write_safetensors: {name} is not a dense tensor")
-        items.append((_ST_DTYPES.index(_st_dtype(t)), name, t))
+        if t.dtype not in names:
+            raise DLZOError(f"write_safetensors: no safetensors dtype for {t.dtype}")
+        items.append((rank[t.dtype], name, t))
     items.sort(key=lambda x: (x[0], x[1].encode()))
     header: dict = {}
     if metadata is not None:
@@ -160,7 +158,7 @@ def write_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict[str
     offset = 0
     for _, name, t in items:
         size = t.numel() * t.element_size()
-        header[name] = {"dtype": _st_dtype(t), "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
         offset += size
     head = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
     head += b" " * (-len(head) % 8)

@@ -104,30 +104,32 @@ class BitMask:
         return self.shape.numel()
 
     @classmethod
-    @torch.no_grad()
+    def empty(cls, shape, device) -> "BitMask":
+        shape = torch.Size(shape)
+        return cls(torch.empty((shape.numel() + 7) // 8, dtype=torch.uint8, device=device), shape)
+
+    @classmethod
     def pack(cls, mask: torch.Tensor, chunk: int = CHUNK) -> "BitMask":
         """The BitMask of a bool tensor, packed chunk by chunk."""
-        out = cls(torch.empty((mask.numel() + 7) // 8, dtype=torch.uint8, device=mask.device), mask.shape)
         flat = mask.reshape(-1)
-        spans = _chunks(flat.numel(), chunk)
+        return cls.empty(mask.shape, mask.device).fill_(lambda b, e, out: out.copy_(flat[b:e]), chunk)
+
+    @torch.no_grad()
+    def fill_(self, span, chunk: int = CHUNK) -> "BitMask":
+        """Pack the mask span by span: ``span(b, e, out)`` writes the bool mask of flattened elements [b, e) into
+        ``out`` (e - b elements of one buffer reused across the spans: no temporaries between the bits)."""
+        spans = _chunks(self.numel(), chunk)
         size = max((e - b for b, e in spans), default=0)
-        buf = torch.empty(size + (-size) % 8, dtype=torch.bool, device=mask.device)
+        buf = torch.empty(size + (-size) % 8, dtype=torch.bool, device=self.device)
+        shifts = torch.arange(8, dtype=torch.uint8, device=self.device)
         for b, e in spans:
             n = e - b
-            buf[:n].copy_(flat[b:e])
-            out._pack_into(b, buf[:n + (-n) % 8], n)
-        return out
-
-    def _pack_into(self, b: int, m: torch.Tensor, n: int | None = None) -> None:
-        """Write the mask of elements [b, b + n) from the bool span ``m`` (b a multiple of 8; n defaults to
-        len(m)). A ``m`` padded to whole bytes is used in place (its padding is cleared and it is overwritten)."""
-        n = m.numel() if n is None else n
-        if m.numel() % 8:  # the tensor's last span: pad to whole bytes with False
-            m = torch.cat([m, m.new_zeros(8 - m.numel() % 8)])
-        m[n:] = False
-        u = m.view(torch.uint8).view(-1, 8)  # 0/1 bytes, shifted in place to their bit
-        u.bitwise_left_shift_(torch.arange(8, dtype=torch.uint8, device=m.device))
-        torch.sum(u, dim=1, dtype=torch.uint8, out=self.bits[b // 8:(b + n + 7) // 8])
+            m = buf[:n + (-n) % 8]
+            m[n:] = False  # the last span's padding to whole bytes
+            span(b, e, m[:n])
+            u = m.view(torch.uint8).view(-1, 8)  # 0/1 bytes, shifted in place to their bit
+            torch.sum(u.bitwise_left_shift_(shifts), dim=1, dtype=torch.uint8, out=self.bits[b // 8:(e + 7) // 8])
+        return self
 
     def chunk(self, b: int, e: int, dtype: torch.dtype = torch.bool, out: torch.Tensor | None = None,
               index: torch.Tensor | None = None) -> torch.Tensor:
@@ -187,37 +189,30 @@ def magnitude_mask(p: torch.Tensor, sparsity: float, packed: bool = False,
     k = max(1, math.ceil((1.0 - sparsity) * p.numel()))
     w = p.detach()
     h = _kth_magnitude(w, k)  # a value of the tensor itself, so exact in its dtype
+    if packed and out is None:
+        out = BitMask.empty(w.shape, w.device)
+    elif packed and (out.shape != w.shape or out.device != w.device):
+        raise ValueError(f"BitMask of shape {tuple(out.shape)} on {out.device} for a tensor of shape "
+                         f"{tuple(w.shape)} on {w.device}")
     if not w.is_contiguous():
         mask = (w <= h) & (w >= -h)
         if not packed:
             return mask
-        if out is None:
-            return BitMask.pack(mask)
-        out.bits.copy_(BitMask.pack(mask).bits)
-        return out
+        flat = mask.reshape(-1)
+        return out.fill_(lambda b, e, m: m.copy_(flat[b:e]))
     # chunk by chunk into the mask itself: (w <= h) & (w >= -h) whole would hold three tensor-sized temporaries
     flat = w.view(-1)
-    spans = _chunks(flat.numel(), CHUNK)
     if not packed:
         mask = torch.empty(w.shape, dtype=torch.bool, device=w.device)
-        out = mask.view(-1)
-        for b, e in spans:
-            torch.le(flat[b:e], h, out=out[b:e]).logical_and_(flat[b:e] >= -h)
+        into = mask.view(-1)
+        for b, e in _chunks(flat.numel(), CHUNK):
+            torch.le(flat[b:e], h, out=into[b:e]).logical_and_(flat[b:e] >= -h)
         return mask
-    # packed: two span-sized bool buffers reused across the spans
-    if out is None:
-        out = BitMask(torch.empty((flat.numel() + 7) // 8, dtype=torch.uint8, device=w.device), w.shape)
-    elif out.shape != w.shape or out.device != w.device:
-        raise ValueError(f"BitMask of shape {tuple(out.shape)} on {out.device} for a tensor of shape "
-                         f"{tuple(w.shape)} on {w.device}")
-    size = max(e - b for b, e in spans)
-    buf = torch.empty(2, size + (-size) % 8, dtype=torch.bool, device=w.device)
-    for b, e in spans:
-        n = e - b
-        m, ge = buf[0, :n], buf[1, :n]
-        torch.le(flat[b:e], h, out=m).logical_and_(torch.ge(flat[b:e], -h, out=ge))
-        out._pack_into(b, buf[0, :n + (-n) % 8], n)
-    return out
+    ge = torch.empty(min(flat.numel(), CHUNK + 15), dtype=torch.bool, device=w.device)
+
+    def span(b, e, m):  # into the reused span buffers
+        torch.le(flat[b:e], h, out=m).logical_and_(torch.ge(flat[b:e], -h, out=ge[:e - b]))
+    return out.fill_(span)
 
 
 def _kth_magnitude(w: torch.Tensor, k: int, chunk: int = CHUNK) -> float:
@@ -415,25 +410,24 @@ class ZOSGD(torch.optim.Optimizer):
             z.add_(term)
         p.sub_(z.mul_(lr))
 
-    def _scratch(self, device: torch.device, dtype: torch.dtype, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Two reusable flat buffers of at least ``n`` elements (z and the wd term of one chunk)."""
-        key = (device, dtype)
-        bufs = self._buffers.get(key)
-        if bufs is None or bufs[0].numel() < n:
+    def _buffer(self, device: torch.device, dtype: torch.dtype, tag: str, n: int) -> torch.Tensor:
+        """A flat buffer of at least ``n`` elements, kept and reused from step to step (grown when too small)."""
+        key = (device, dtype, tag)
+        buf = self._buffers.get(key)
+        if buf is None or buf.numel() < n:
             self._buffers.pop(key, None)
-            bufs = self._buffers[key] = (torch.empty(n, device=device, dtype=dtype),
-                                         torch.empty(n, device=device, dtype=dtype))
-        return bufs[0][:n], bufs[1][:n]
+            buf = self._buffers[key] = torch.empty(n, device=device, dtype=dtype)
+        return buf[:n]
+
+    def _scratch(self, device: torch.device, dtype: torch.dtype, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two reusable flat buffers of ``n`` elements (z and the wd term of one chunk)."""
+        return self._buffer(device, dtype, "z", n), self._buffer(device, dtype, "wd", n)
 
     def _mask_buffers(self, device: torch.device, dtype: torch.dtype, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Reusable buffers for a BitMask's chunk of ``n`` elements unpacked in ``dtype``: the mask and its bytes
         as int64 indices (``BitMask.chunk``)."""
         n = (n + 7) // 8 * 8
-        bufs = self._buffers.get((device, dtype, "mask"))
-        if bufs is None or bufs[0].numel() < n:
-            bufs = self._buffers[(device, dtype, "mask")] = (torch.empty(n, dtype=dtype, device=device),
-                                                            torch.empty(n // 8, dtype=torch.int64, device=device))
-        return bufs
+        return self._buffer(device, dtype, "mask", n), self._buffer(device, torch.int64, "mask index", n // 8)
 
     @torch.no_grad()
     def _mezo_pass(self, seed: int, op) -> None:
